@@ -1,0 +1,44 @@
+"""Helpers shared by the Triton kernels of several families."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from triton_ops import interpreting
+
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@triton.jit
+def round_to_e4m3_grid(x):
+    """fp32 -> fp32 exactly representable in e4m3fn: round-to-nearest-even, saturating at 448.
+
+    The interpreter's own fp32 -> fp8 cast drops the rounding carry, does not tie to even and
+    truncates subnormals, so we round on the fp32 grid first; the cast that follows is then
+    exact on every backend. Normal range: add half an e4m3 ulp (2**19 in fp32 mantissa bits,
+    plus the parity bit for ties-to-even) and clear the 20 low bits. Subnormal range
+    (|x| < 2**-6): RTNE to multiples of 2**-9 with the usual add-and-subtract trick.
+    """
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    bits = x.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    ax = tl.abs(x)
+    sub = (ax + 16384.0) - 16384.0
+    sub = tl.where(bits < 0, -sub, sub)
+    return tl.minimum(tl.maximum(tl.where(ax < 0.015625, sub, normal), -448.0), 448.0)
+
+
+@triton.jit
+def ceil_pow2(x):
+    """Smallest power of two >= x for positive normal fp32 x (UE8M0 scales), exactly:
+    keep the exponent when the mantissa is zero, else bump it."""
+    bits = x.to(tl.int32, bitcast=True)
+    exp_bits = bits & 0x7F800000
+    bump = tl.where((bits & 0x7FFFFF) != 0, 0x800000, 0)
+    return (exp_bits + bump).to(tl.float32, bitcast=True)
+
+
+def num_programs_cap() -> int:
+    """Interpreter cost is per program: use few, large programs there."""
+    return 64 if interpreting() else 1 << 30

@@ -1,0 +1,155 @@
+"""Triton FP8 block-wise quantizers and dequantizer (definition: glm45_ops/reference/quant.py).
+
+Bit-exact with the reference: fp32 math, IEEE divisions (``div_rn``; Triton's plain ``/`` on
+fp32 lowers to the approximate ``div.full.f32``), UE8M0 from the fp32 bits, and a saturating
+RTNE cast to e4m3 (rounded on the fp32 grid first under the interpreter, whose own cast is not
+exact; on the GPU ``cvt.rn.satfinite`` already is).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_ops import interpreting
+from triton_ops._common import ceil_pow2, round_to_e4m3_grid
+
+
+@triton.jit
+def _scale_from_amax(amax, eps, UE8M0: tl.constexpr):
+    scale = tl.math.div_rn(tl.maximum(amax, eps), 448.0)
+    if UE8M0:
+        scale = ceil_pow2(scale)
+    return scale
+
+
+@triton.jit
+def _to_e4m3_grid(x, scale, ROUND_ON_GRID: tl.constexpr):
+    """fp32 x / scale, clamped to +-448 and (under the interpreter) rounded onto the e4m3 grid."""
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+    if ROUND_ON_GRID:
+        y = round_to_e4m3_grid(y)
+    return y
+
+
+@triton.jit
+def _per_token_group_quant_fp8_kernel(
+    x_ptr, q_ptr, s_ptr,
+    n_groups, groups_per_row,
+    x_row_stride, q_row_stride, s_row_stride, s_col_stride,
+    eps,
+    GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+    UE8M0: tl.constexpr, ROUND_ON_GRID: tl.constexpr,
+):
+    # One program quantizes BLOCK_G consecutive groups (flattened over rows), so short rows
+    # and long rows fill programs alike.
+    gid = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+    gmask = gid < n_groups
+    row = gid // groups_per_row
+    gcol = gid % groups_per_row
+    cols = tl.arange(0, BLOCK_K)
+    mask = gmask[:, None] & (cols < GROUP)[None, :]
+    col = gcol[:, None] * GROUP + cols[None, :]
+    x = tl.load(x_ptr + row[:, None] * x_row_stride + col, mask=mask, other=0.0).to(tl.float32)
+    scale = _scale_from_amax(tl.max(tl.abs(x), axis=1), eps, UE8M0)
+    y = _to_e4m3_grid(x, scale[:, None], ROUND_ON_GRID)
+    tl.store(q_ptr + row[:, None] * q_row_stride + col, y.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row * s_row_stride + gcol * s_col_stride, scale, mask=gmask)
+
+
+@triton.jit
+def _per_block_quant_fp8_kernel(
+    w_ptr, q_ptr, s_ptr,
+    N, K,
+    w_e_stride, w_n_stride, q_e_stride, q_n_stride, s_e_stride, s_n_stride,
+    eps,
+    BLOCK: tl.constexpr, UE8M0: tl.constexpr, ROUND_ON_GRID: tl.constexpr,
+):
+    # One program per 128x128 block: one read of w, one write of w_q, one scale.
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_e = tl.program_id(2).to(tl.int64)
+    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
+    cols = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    offs_r = rows[:, None].to(tl.int64)
+    w = tl.load(w_ptr + pid_e * w_e_stride + offs_r * w_n_stride + cols[None, :], mask=mask, other=0.0)
+    w = w.to(tl.float32)
+    # max is exact, so the reduction order cannot change the result
+    scale = _scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), eps, UE8M0)
+    y = _to_e4m3_grid(w, scale, ROUND_ON_GRID)
+    tl.store(q_ptr + pid_e * q_e_stride + offs_r * q_n_stride + cols[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + pid_e * s_e_stride + pid_n * s_n_stride + pid_k, scale)
+
+
+@triton.jit
+def _dequant_fp8_kernel(
+    q_ptr, s_ptr, o_ptr,
+    R, C,
+    q_b_stride, q_r_stride, s_b_stride, s_r_stride, s_c_stride, o_b_stride, o_r_stride,
+    BM: tl.constexpr, BN: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    rows = (pid_r * TILE_R + tl.arange(0, TILE_R)).to(tl.int64)
+    cols = pid_c * TILE_C + tl.arange(0, TILE_C)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    q = tl.load(q_ptr + pid_b * q_b_stride + rows[:, None] * q_r_stride + cols[None, :], mask=mask, other=0.0)
+    s_offs = pid_b * s_b_stride + (rows // BM)[:, None] * s_r_stride + (cols // BN)[None, :] * s_c_stride
+    s = tl.load(s_ptr + s_offs, mask=mask, other=0.0)
+    out = q.to(tl.float32) * s
+    tl.store(o_ptr + pid_b * o_b_stride + rows[:, None] * o_r_stride + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def per_token_group_quant_fp8(
+    x: torch.Tensor, x_q: torch.Tensor, scale: torch.Tensor, group_size: int, eps: float, scale_ue8m0: bool
+) -> None:
+    """Fill ``x_q`` ``[M, K]`` and ``scale`` ``[M, K/g]`` (any strides) from ``x`` ``[M, K]`` (unit last stride)."""
+    m, k = x.shape
+    groups_per_row = k // group_size
+    n_groups = m * groups_per_row
+    if n_groups == 0:
+        return
+    block_k = triton.next_power_of_2(group_size)
+    # ~2K elements per program on the GPU; under the interpreter, as few programs as possible
+    block_g = max(1, 2048 // block_k) if not interpreting() else triton.next_power_of_2(max(1, n_groups // 4))
+    block_g = min(block_g, triton.next_power_of_2(n_groups))
+    grid = (triton.cdiv(n_groups, block_g),)
+    _per_token_group_quant_fp8_kernel[grid](
+        x, x_q, scale, n_groups, groups_per_row,
+        x.stride(0), x_q.stride(0), scale.stride(0), scale.stride(1), eps,
+        GROUP=group_size, BLOCK_K=block_k, BLOCK_G=block_g,
+        UE8M0=scale_ue8m0, ROUND_ON_GRID=interpreting(), num_warps=4,
+    )
+
+
+def per_block_quant_fp8(
+    w: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, block_size: int, eps: float, scale_ue8m0: bool
+) -> None:
+    """Fill ``w_q`` ``[E, N, K]`` and ``scale`` ``[E, ceil(N/b), ceil(K/b)]`` from ``w`` ``[E, N, K]``."""
+    e, n, k = w.shape
+    if w.numel() == 0:
+        return
+    grid = (triton.cdiv(k, block_size), triton.cdiv(n, block_size), e)
+    _per_block_quant_fp8_kernel[grid](
+        w, w_q, scale, n, k,
+        w.stride(0), w.stride(1), w_q.stride(0), w_q.stride(1), scale.stride(0), scale.stride(1), eps,
+        BLOCK=block_size, UE8M0=scale_ue8m0, ROUND_ON_GRID=interpreting(), num_warps=8,
+    )
+
+
+def dequant_fp8(x_q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, block_m: int, block_n: int) -> None:
+    """Fill ``out`` ``[B, R, C]`` with ``x_q * scale`` (``scale`` ``[B, ceil(R/bm), ceil(C/bn)]``, any strides)."""
+    b, r, c = x_q.shape
+    if x_q.numel() == 0:
+        return
+    tile_r, tile_c = (32, 128) if not interpreting() else (triton.next_power_of_2(r), triton.next_power_of_2(c))
+    grid = (triton.cdiv(c, tile_c), triton.cdiv(r, tile_r), b)
+    _dequant_fp8_kernel[grid](
+        x_q, scale, out, r, c,
+        x_q.stride(0), x_q.stride(1), scale.stride(0), scale.stride(1), scale.stride(2),
+        out.stride(0), out.stride(1),
+        BM=block_m, BN=block_n, TILE_R=tile_r, TILE_C=tile_c, num_warps=4,
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from glm45_ops._registry import BACKENDS, default_backend, registered_ops, use_backend
 from glm45_ops import quant  # noqa: F401  (defines the glm45:: quant ops)
+from glm45_ops import gemm  # noqa: F401  (defines the glm45:: gemm ops)
 from glm45_ops._extension import extension_error, extension_loaded
 from glm45_ops._info import info
 
@@ -18,6 +19,7 @@ __all__ = [
     "default_backend",
     "extension_error",
     "extension_loaded",
+    "gemm",
     "info",
     "quant",
     "registered_ops",

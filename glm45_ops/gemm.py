@@ -1,0 +1,178 @@
+"""FP8 block-scaled GEMM (DeepSeek-V3 / DeepGEMM "NT" recipe) and the FP8 linear layer on it.
+
+Op (schema below; definition and numerics in :mod:`glm45_ops.reference.gemm`):
+
+* ``fp8_block_gemm(a, a_scale, b, b_scale, out_dtype) -> out``
+  ``out[m, n] = sum_k a[m,k] a_scale[m, k//128] b[n,k] b_scale[n//128, k//128]``, fp32 accumulation
+  promoted per 128-wide K slice (DeepGEMM), one rounding into bf16 or fp32.
+
+Backends: ``torch`` (reference: dequantize, fp32 matmul), ``triton`` (``triton_ops.gemm``) and, when
+``glm45_ops._C`` is built for sm_90a, ``cuda`` (CUTLASS, ``csrc/gemm/fp8_block_gemm_sm90.cu``).
+
+``fp8_linear(x, w_q, w_scale_inv, bias=None)`` is the drop-in for an FP8 checkpoint's linear layer:
+quantize activations 1 x 128 (scales MN-major, the layout both kernels read fastest), then the GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from glm45_ops._registry import Op
+from glm45_ops.quant import per_token_group_quant_fp8
+from glm45_ops.reference import gemm as ref
+from glm45_ops.reference.gemm import GEMM_BLOCK
+from glm45_ops.reference.quant import FP8_DTYPE
+
+__all__ = ["GEMM_BLOCK", "fp8_block_gemm", "fp8_linear", "scale_layout"]
+
+_OUT_DTYPES = (torch.bfloat16, torch.float32)
+_ROW_ALIGN_BYTES = 16  # TMA: every row stride of a and b a multiple of 16 bytes
+_SCALE_ALIGN = 4  # MN-major a_scale: M stride a multiple of 4 fp32 (16 bytes, TMA)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def scale_layout(a_scale: torch.Tensor) -> str | None:
+    """``"row"`` (K/128 contiguous), ``"mn"`` (M contiguous, M stride a multiple of 4 and >= M:
+    what ``per_token_group_quant_fp8(column_major_scales=True)`` returns) or ``None`` (neither).
+
+    Size-1 dims have no meaningful stride, so a ``[1, G]`` or ``[M, 1]`` scale may be both;
+    ``"mn"`` wins then (it is what the kernels read without a copy).
+    """
+    m, g = a_scale.shape
+    if m == 0:
+        return "mn"
+    s_m, s_g = a_scale.stride()
+    mn = (m == 1 or s_m == 1) and (g == 1 or (s_g % _SCALE_ALIGN == 0 and s_g >= m))
+    if mn:
+        return "mn"
+    row = (g == 1 or s_g == 1) and (m == 1 or s_m >= g)
+    return "row" if row else None
+
+
+def _check_fp8_matrix(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != FP8_DTYPE:
+        raise ValueError(f"{name} must be float8_e4m3fn, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.stride(1) != 1 or (t.shape[0] > 1 and t.stride(0) % _ROW_ALIGN_BYTES):
+        raise ValueError(
+            f"{name} must have a unit last stride and a row stride that is a multiple of "
+            f"{_ROW_ALIGN_BYTES} (TMA), got strides {tuple(t.stride())}"
+        )
+
+
+def _check_scale(name: str, t: torch.Tensor, want: tuple[int, int]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32, got {t.dtype}")
+    if tuple(t.shape) != want:
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+
+
+def _check_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+    _check_fp8_matrix("a", a)
+    _check_fp8_matrix("b", b)
+    (m, k), (n, kb) = a.shape, b.shape
+    if k != kb:
+        raise ValueError(f"a [M, K] and b [N, K] must share K, got a {tuple(a.shape)} and b {tuple(b.shape)}")
+    if k == 0 or k % GEMM_BLOCK:
+        raise ValueError(f"K (a.shape[1] = {k}) must be a positive multiple of {GEMM_BLOCK}")
+    if n == 0:
+        raise ValueError("b must have at least one row (N >= 1)")
+    groups = k // GEMM_BLOCK
+    _check_scale("a_scale", a_scale, (m, groups))
+    if scale_layout(a_scale) is None:
+        raise ValueError(
+            "a_scale must be row-major (unit stride along K/128) or MN-major (unit stride along M, "
+            f"M stride a multiple of {_SCALE_ALIGN} and >= M), got strides {tuple(a_scale.stride())}"
+        )
+    _check_scale("b_scale", b_scale, (_cdiv(n, GEMM_BLOCK), groups))
+    if groups > 1 and b_scale.stride(1) != 1:
+        raise ValueError(f"b_scale must have a unit last stride, got strides {tuple(b_scale.stride())}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
+    devices = {t.device for t in (a, a_scale, b, b_scale)}
+    if len(devices) != 1:
+        raise ValueError(f"a, a_scale, b and b_scale must be on one device, got {sorted(map(str, devices))}")
+
+
+def _gemm_fake(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+    return torch.empty((a.shape[0], b.shape[0]), dtype=out_dtype, device=a.device)
+
+
+def _gemm_triton(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
+    from triton_ops import gemm as tg
+
+    out = _gemm_fake(a, a_scale, b, b_scale, out_dtype)
+    tg.fp8_block_gemm(a, a_scale, b, b_scale, out)
+    return out
+
+
+_gemm_op = Op(
+    "fp8_block_gemm",
+    "(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, ScalarType out_dtype) -> Tensor",
+    torch_impl=ref.fp8_block_gemm_ref,
+    triton_impl=_gemm_triton,
+    fake=_gemm_fake,
+    check=_check_gemm,
+)
+
+
+def fp8_block_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``out = (a * a_scale) @ (b * b_scale)^T`` with 1 x 128 and 128 x 128 scale blocks.
+
+    ``a`` e4m3 ``[M, K]`` (any M >= 0), ``a_scale`` fp32 ``[M, K/128]`` row-major or MN-major
+    (see :func:`scale_layout`), ``b`` e4m3 ``[N, K]`` (any N >= 1), ``b_scale`` fp32
+    ``[ceil(N/128), K/128]`` with a unit last stride -> ``out_dtype`` (bf16 or fp32) ``[M, N]``,
+    contiguous. K must be a multiple of 128; ``a`` and ``b`` need unit last strides and row
+    strides that are multiples of 16 (TMA). UE8M0 (power-of-two) scales need nothing special.
+    """
+    return _gemm_op(a, a_scale, b, b_scale, out_dtype, backend=backend)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale_inv: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``y = x @ deq(w_q, w_scale_inv)^T (+ bias)`` for an FP8 checkpoint's linear layer.
+
+    ``x`` bf16 ``[..., K]``, ``w_q`` e4m3 ``[N, K]``, ``w_scale_inv`` fp32 ``[ceil(N/128), K/128]``,
+    ``bias`` ``[N]`` or None -> bf16 ``[..., N]``. Activations are quantized 1 x 128
+    (``per_token_group_quant_fp8``, eps 1e-4, fp32 scales stored MN-major) and fed to
+    :func:`fp8_block_gemm`; the bias is added to the bf16 output (one more rounding, as an
+    unfused nn.Linear on a bf16 GEMM does).
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16:
+        raise ValueError(f"x must be a bfloat16 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dim [..., K]")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (w_q.shape[0],)):
+        raise ValueError(f"bias must be a tensor of shape ({w_q.shape[0]},), got {getattr(bias, 'shape', bias)}")
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    x_q, x_s = per_token_group_quant_fp8(x2, GEMM_BLOCK, column_major_scales=True, backend=backend)
+    out = fp8_block_gemm(x_q, x_s, w_q, w_scale_inv, torch.bfloat16, backend=backend)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.reshape(*lead, w_q.shape[0])
+
+
+OPS = (_gemm_op,)

@@ -1,0 +1,120 @@
+"""Triton FP8 block-scaled GEMM (definition: glm45_ops/reference/gemm.py).
+
+    out[m, n] = sum_k a[m,k] a_scale[m, k//128] b[n,k] b_scale[n//128, k//128]
+
+DeepGEMM's promotion: for each 128-wide K slice, one fp8 ``tl.dot`` (wgmma on Hopper) into a
+fresh fp32 partial, then ``acc += partial * a_scale[:, None] * b_scale[None, :]`` on the CUDA cores.
+The scale is applied per slice, never folded into the fp8 operands, so UE8M0 and fp32 scales are
+the same code. Programs run in grouped order (``GROUP_M`` row tiles share a column tile band) so
+a band of ``b`` stays in L2 while the row tiles sweep it.
+
+Both ``a_scale`` layouts (row-major and MN-major) are read through their strides; MN-major loads a
+tile's ``BLOCK_M`` scales as one coalesced vector.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_ops import interpreting
+
+BLOCK_K = 128  # = the scale granularity along K: one promotion per K block
+
+
+@triton.jit
+def _fp8_block_gemm_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,
+    M, N, K,
+    stride_am, stride_bn, stride_asm, stride_ask, stride_bsn, stride_bsk, stride_cm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    # grouped order: GROUP_M consecutive row tiles walk the same column tiles together
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] view of b^T
+    as_ptrs = as_ptr + offs_m * stride_asm
+    bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * stride_bsn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in tl.range(0, K // BLOCK_K, num_stages=NUM_STAGES):
+        a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+        a_s = tl.load(as_ptrs + kb * stride_ask, mask=mask_m, other=0.0)
+        b_s = tl.load(bs_ptrs + kb * stride_bsk, mask=mask_n, other=0.0)
+        partial = tl.dot(a, b, out_dtype=tl.float32)
+        acc += partial * a_s[:, None] * b_s[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+# (largest M of the bucket, config), first match wins. A FIRST GUESS pending H200 tuning for the
+# GLM-4.5 shapes (N 5120..24576, K 5120/12288), reasoned from the hardware, not measured:
+# * M <= 64 (decode) is bound by the weight read: BLOCK_M 64 is wgmma's smallest tile, BLOCK_N 64
+#   gives >= 80 programs even at N = 5120, and deep pipelining keeps HBM busy.
+# * mid M: 64 x 128 tiles, 4 warps (one warpgroup), vLLM's default block-FP8 shape.
+# * large M: 128 x 128, 8 warps; the per-slice fp32 partial doubles the accumulator registers
+#   (64 + 64 per thread), which is why BLOCK_N stops at 128 (256 spills).
+CONFIGS: tuple[tuple[int, GemmConfig], ...] = (
+    (64, GemmConfig(64, 64, 1, 4, 6)),
+    (512, GemmConfig(64, 128, 8, 4, 4)),
+    (1 << 62, GemmConfig(128, 128, 8, 8, 4)),
+)
+
+
+def pick_config(m: int, n: int) -> GemmConfig:
+    """The config for an ``[M, K] x [N, K]`` problem (under the interpreter: one or a few programs)."""
+    if interpreting():
+        # interpreter cost is per program: cover the problem with as few tiles as possible
+        bm = min(triton.next_power_of_2(max(m, 16)), 256)
+        bn = min(triton.next_power_of_2(max(n, 16)), 256)
+        return GemmConfig(bm, bn, 1, 4, 1)
+    return next(cfg for top, cfg in CONFIGS if m <= top)
+
+
+def fp8_block_gemm(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor
+) -> None:
+    """Fill ``out`` ``[M, N]`` (unit last stride) from e4m3 ``a`` ``[M, K]``, ``b`` ``[N, K]`` (unit last
+    strides), fp32 ``a_scale`` ``[M, K/128]`` and ``b_scale`` ``[ceil(N/128), K/128]`` (any strides)."""
+    m, k = a.shape
+    n = b.shape[0]
+    if m == 0:
+        return
+    cfg = pick_config(m, n)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    _fp8_block_gemm_kernel[grid](
+        a, a_scale, b, b_scale, out, m, n, k,
+        a.stride(0), b.stride(0), a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
+        out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m,
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+    )

@@ -30,6 +30,21 @@ def round_to_e4m3_grid(x):
 
 
 @triton.jit
+def to_out_dtype(x, DTYPE: tl.constexpr, ROUND_ON_GRID: tl.constexpr):
+    """fp32 -> DTYPE with round-to-nearest-even on every backend.
+
+    The interpreter truncates fp32 -> bf16 (about half of random values come out one ulp low);
+    rounding on the fp32 grid first (add 0x7FFF plus the parity bit, clear 16 bits) makes the
+    cast exact. The GPU's cvt.rn.bf16.f32 already rounds to nearest even, and fp16 is right in
+    both places.
+    """
+    if ROUND_ON_GRID and DTYPE == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
 def ceil_pow2(x):
     """Smallest power of two >= x for positive normal fp32 x (UE8M0 scales), exactly:
     keep the exponent when the mantissa is zero, else bump it."""

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from triton_ops import interpreting
-from triton_ops._common import ceil_pow2, round_to_e4m3_grid
+from triton_ops._common import ceil_pow2, round_to_e4m3_grid, to_out_dtype
 
 
 @triton.jit
@@ -89,6 +89,7 @@ def _dequant_fp8_kernel(
     R, C,
     q_b_stride, q_r_stride, s_b_stride, s_r_stride, s_c_stride, o_b_stride, o_r_stride,
     BM: tl.constexpr, BN: tl.constexpr, TILE_R: tl.constexpr, TILE_C: tl.constexpr,
+    ROUND_ON_GRID: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -100,7 +101,7 @@ def _dequant_fp8_kernel(
     s_offs = pid_b * s_b_stride + (rows // BM)[:, None] * s_r_stride + (cols // BN)[None, :] * s_c_stride
     s = tl.load(s_ptr + s_offs, mask=mask, other=0.0)
     out = q.to(tl.float32) * s
-    tl.store(o_ptr + pid_b * o_b_stride + rows[:, None] * o_r_stride + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + pid_b * o_b_stride + rows[:, None] * o_r_stride + cols[None, :], to_out_dtype(out, o_ptr.dtype.element_ty, ROUND_ON_GRID), mask=mask)
 
 
 def per_token_group_quant_fp8(
@@ -151,5 +152,5 @@ def dequant_fp8(x_q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, block
         x_q, scale, out, r, c,
         x_q.stride(0), x_q.stride(1), scale.stride(0), scale.stride(1), scale.stride(2),
         out.stride(0), out.stride(1),
-        BM=block_m, BN=block_n, TILE_R=tile_r, TILE_C=tile_c, num_warps=4,
+        BM=block_m, BN=block_n, TILE_R=tile_r, TILE_C=tile_c, ROUND_ON_GRID=interpreting(), num_warps=4,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from glm45_ops._registry import BACKENDS, default_backend, registered_ops, use_backend
 from glm45_ops import quant  # noqa: F401  (defines the glm45:: quant ops)
 from glm45_ops import gemm  # noqa: F401  (defines the glm45:: gemm ops)
+from glm45_ops import muon  # noqa: F401  (defines the glm45:: muon ops)
 from glm45_ops._extension import extension_error, extension_loaded
 from glm45_ops._info import info
 
@@ -21,6 +22,7 @@ __all__ = [
     "extension_loaded",
     "gemm",
     "info",
+    "muon",
     "quant",
     "registered_ops",
     "use_backend",

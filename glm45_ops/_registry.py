@@ -8,13 +8,15 @@ Dispatch keys:
   torch reference or the Triton kernel.
 * ``CUDA``: the C++ kernel when ``glm45_ops._C`` registers one with
   ``TORCH_LIBRARY_IMPL(glm45, CUDA, m)``; a backend-key kernel takes precedence over the composite
-  one, so hot ops skip Python entirely.
+  one, so hot ops skip Python entirely. An op whose CUDA backend is vendor-library calls through
+  torch (cuBLAS with fused epilogues, say) passes it as ``cuda_impl``, a Python function that
+  serves the ``cuda`` backend when no C++ kernel is registered.
 * ``Meta``: the fake, after the same argument checks as every other path.
 
 ``backend="auto"`` picks: CPU tensors -> ``torch``; CUDA tensors -> ``cuda`` if a C++ kernel is
-registered, else ``triton``. Every backend of an op is held to the same numerics (bit-exact where
-the op's docstring says so), so "auto" never changes results. A backend that was asked for and
-is unavailable raises instead of falling back.
+registered or a ``cuda_impl`` given, else ``triton``. Every backend of an op is held to the same
+numerics (bit-exact where the op's docstring says so), so "auto" never changes results. A backend
+that was asked for and is unavailable raises instead of falling back.
 
 No family knowledge lives here.
 """
@@ -80,7 +82,8 @@ class Op:
     runs before every implementation, the fake included, so bad input fails the same way eagerly
     and under ``torch.compile``. ``torch_impl``/``triton_impl`` take the op's arguments (with the
     schema's defaults) and return its outputs; ``fake`` returns empty outputs of the right
-    shape, dtype and strides.
+    shape, dtype and strides. ``cuda_impl`` (optional, same signature) is the ``cuda`` backend
+    on CUDA tensors when ``glm45_ops._C`` has no kernel for this op.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class Op:
         fake: Callable,
         check: Callable,
         triton_impl: Callable | None = None,
+        cuda_impl: Callable | None = None,
     ) -> None:
         if name in _OPS:
             raise RuntimeError(f"op {NAMESPACE}::{name} is defined twice")
@@ -101,6 +105,8 @@ class Op:
         self.impls: dict[str, Callable] = {"torch": torch_impl}
         if triton_impl is not None:
             self.impls["triton"] = triton_impl
+        if cuda_impl is not None:
+            self.impls["cuda"] = cuda_impl
         self._custom_op = torch.library.custom_op(
             self.qualname, self._dispatch, mutates_args=(), schema=schema
         )
@@ -128,7 +134,7 @@ class Op:
         out = ["torch"]
         if "triton" in self.impls and triton_usable(device):
             out.append("triton")
-        if device.type == "cuda" and self.has_cuda_kernel():
+        if device.type == "cuda" and (self.has_cuda_kernel() or "cuda" in self.impls):
             out.append("cuda")
         return out
 
@@ -138,7 +144,7 @@ class Op:
         if backend == "auto":
             if device.type != "cuda":
                 return "torch"
-            if self.has_cuda_kernel():
+            if self.has_cuda_kernel() or "cuda" in self.impls:
                 return "cuda"
             return "triton" if "triton" in self.backends(device) else "torch"
         if backend not in self.backends(device):
@@ -147,7 +153,8 @@ class Op:
 
     def _unavailable(self, backend: str, device: torch.device) -> str:
         why = {
-            "cuda": "it needs CUDA tensors and the glm45_ops._C extension built with this op's kernel",
+            "cuda": "it needs CUDA tensors"
+            + ("" if "cuda" in self.impls else " and the glm45_ops._C extension built with this op's kernel"),
             "triton": "it needs triton, and CUDA tensors or TRITON_INTERPRET=1 for CPU tensors"
             if "triton" in self.impls
             else "this op has no Triton kernel",
@@ -161,7 +168,8 @@ class Op:
         t = _first_tensor(args)
         device = t.device if t is not None else torch.device("cpu")
         backend = self.resolve(default_backend(), device)
-        if backend == "cuda":  # only reachable when the C++ kernel was registered after tracing
+        if backend == "cuda" and "cuda" not in self.impls:
+            # only reachable when the C++ kernel was registered after tracing
             raise RuntimeError(self._unavailable("cuda", device))
         return self.impls[backend](*args, **kwargs)
 
@@ -175,7 +183,7 @@ class Op:
         t = _first_tensor(args)
         device = t.device if t is not None else torch.device("cpu")
         concrete = self.resolve(backend, device)
-        if concrete == "cuda":
+        if concrete == "cuda" and self.has_cuda_kernel():
             return self.overload(*args, **kwargs)
         self.check(*args, **kwargs)
         return self.impls[concrete](*args, **kwargs)

@@ -1,0 +1,381 @@
+"""Muon: Newton-Schulz orthogonalisation and a drop-in ``torch.optim.Muon`` for 2-D and expert weights.
+
+Op (schema below; definition and coefficient presets in :mod:`glm45_ops.reference.muon`):
+
+* ``newton_schulz(G, steps=5, coefficients=None, eps=1e-7, norm_scale=1.0) -> X``
+
+Backends: ``torch`` (the reference loop), ``triton`` (symmetric kernels: only the upper-triangle
+tiles of ``X X^T`` and ``b A + c A A`` are computed, then mirrored; fused epilogues; one launch
+per product for a whole expert stack) and ``cuda`` (cuBLAS through torch: ``bmm`` and
+``baddbmm`` with ``alpha``/``beta`` fusing the ``b A`` and ``a X`` epilogues, into preallocated
+buffers). All compute in bf16 with fp32 accumulation and round each product once, so backends
+differ only by accumulation order (a few bf16 ulps after five steps; tests bound it against a
+float64 iteration). Which GPU backend is faster is for an H200 measurement to decide
+(``glm45-bench --routine muon``); ``auto`` picks ``cuda`` on CUDA tensors meanwhile.
+
+:class:`Muon` is ``torch.optim.Muon``'s constructor and update rule, plus 3-D expert stacks
+``[E, out, in]`` (orthogonalised per expert in one batched call, update scaled from the last two
+dims) and work division over ``torch.distributed`` (see its docstring).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+import torch.distributed as dist
+
+from glm45_ops._registry import Op
+from glm45_ops.reference.muon import PRESETS, Coefficients, newton_schulz_ref, ns_schedule
+
+__all__ = ["PRESETS", "Muon", "newton_schulz"]
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DEFAULT_COEFFICIENTS = PRESETS["kellerjordan"].coefficients[0]  # torch.optim.Muon's default
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral_unclamped")
+
+
+# ---------------------------------------------------------------------------------------------
+# newton_schulz
+# ---------------------------------------------------------------------------------------------
+
+def _check_ns(G, steps=5, coefficients=None, eps=1e-7, norm_scale=1.0):
+    if not isinstance(G, torch.Tensor):
+        raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
+    if G.is_complex():
+        raise ValueError(f"G must be real: Newton-Schulz here is for real weight matrices, got {G.dtype}")
+    if G.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"G must be bfloat16, float16 or float32, got {G.dtype}")
+    if G.dim() < 2:
+        raise ValueError(f"G must be a matrix or a batch of matrices [..., rows, cols], got shape {tuple(G.shape)}")
+    ns_schedule(coefficients, steps)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0 (it floors the norm so a zero G stays finite), got {eps!r}")
+    if not norm_scale > 0:
+        raise ValueError(f"norm_scale must be > 0, got {norm_scale!r}")
+
+
+def _ns_fake(G, steps=5, coefficients=None, eps=1e-7, norm_scale=1.0):
+    return torch.empty(G.shape, dtype=G.dtype, device=G.device)
+
+
+def _ns_torch(G, steps=5, coefficients=None, eps=1e-7, norm_scale=1.0):
+    return newton_schulz_ref(G, steps, coefficients, eps, norm_scale)
+
+
+class _NSKernels(NamedTuple):
+    """One backend's three products on ``[B, ., .]`` bf16 tensors, each filling ``out``."""
+
+    gram: Callable  # (x, out): out = x x^T
+    poly: Callable  # (A, out, b, c): out = b A + c A A
+    update: Callable  # (Bm, x, out, a): out = a x + Bm x
+
+
+def _ns_loop(G, steps, coefficients, eps, norm_scale, kernels: _NSKernels) -> torch.Tensor:
+    """The reference's iteration (batched form) over preallocated, ping-ponged buffers."""
+    triples, _ = ns_schedule(coefficients, steps)
+    rows, cols = G.shape[-2:]
+    transposed = rows > cols
+    m, n = (cols, rows) if transposed else (rows, cols)
+    g3 = G.reshape(-1, rows, cols)
+    x = torch.empty((g3.shape[0], m, n), dtype=torch.bfloat16, device=G.device)
+    x.copy_(g3.mT if transposed else g3)
+    x.div_((torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) * norm_scale).clamp_(min=eps))
+    x_next = torch.empty_like(x)
+    a_mat = torch.empty((x.shape[0], m, m), dtype=torch.bfloat16, device=G.device)
+    b_mat = torch.empty_like(a_mat)
+    out = torch.empty(G.shape, dtype=G.dtype, device=G.device)
+    out3 = out.view(-1, rows, cols)
+    out_view = out3.mT if transposed else out3
+    for step, (a, b, c) in enumerate(triples):
+        kernels.gram(x, a_mat)
+        kernels.poly(a_mat, b_mat, b, c)
+        # bf16 G: the last step writes the (transposed-back) output directly
+        dst = out_view if step == len(triples) - 1 and G.dtype == torch.bfloat16 else x_next
+        kernels.update(b_mat, x, dst, a)
+        x, x_next = dst, x
+    if G.dtype != torch.bfloat16:
+        out_view.copy_(x)
+    return out
+
+
+def _triton_kernels() -> _NSKernels:
+    from triton_ops import muon as tm
+
+    return _NSKernels(
+        gram=lambda x, out: tm.sym_gram(x, out),
+        poly=lambda a_mat, out, b, c: tm.sym_gram(a_mat, out, alpha=c, c=a_mat, beta=b),
+        update=tm.ns_update,
+    )
+
+
+# cuBLAS through torch: alpha/beta of baddbmm are cuBLAS's fused epilogue.
+_CUBLAS_KERNELS = _NSKernels(
+    gram=lambda x, out: torch.bmm(x, x.mT, out=out),
+    poly=lambda a_mat, out, b, c: torch.baddbmm(a_mat, a_mat, a_mat, beta=b, alpha=c, out=out),
+    update=lambda b_mat, x, out, a: torch.baddbmm(x, b_mat, x, beta=a, out=out),
+)
+
+
+def _ns_triton(G, steps=5, coefficients=None, eps=1e-7, norm_scale=1.0):
+    return _ns_loop(G, steps, coefficients, eps, norm_scale, _triton_kernels())
+
+
+def _ns_cublas(G, steps=5, coefficients=None, eps=1e-7, norm_scale=1.0):
+    return _ns_loop(G, steps, coefficients, eps, norm_scale, _CUBLAS_KERNELS)
+
+
+_ns_op = Op(
+    "newton_schulz",
+    "(Tensor G, int steps=5, float[]? coefficients=None, float eps=1e-7, float norm_scale=1.0) -> Tensor",
+    torch_impl=_ns_torch,
+    triton_impl=_ns_triton,
+    cuda_impl=_ns_cublas,
+    fake=_ns_fake,
+    check=_check_ns,
+)
+
+
+def newton_schulz(
+    G: torch.Tensor,
+    steps: int = 5,
+    coefficients: Coefficients = None,
+    eps: float = 1e-7,
+    *,
+    norm_scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Orthogonalise ``G`` ``[..., rows, cols]`` (bf16/fp16/fp32) by ``steps`` Newton-Schulz steps.
+
+    ``X = bf16(G)`` (transposed when rows > cols), ``X /= max(norm_scale * ||X||_F, eps)``, then
+    ``A = X X^T; B = b A + c A A; X = a X + B X`` per step, each matrix of the batch on its own
+    (formula and sources: :mod:`glm45_ops.reference.muon`). ``coefficients``: None
+    (KellerJordan's ``(3.4445, -4.7750, 2.0315)`` every step), a preset name
+    (``"kellerjordan"``, ``"polar_express"``), one triple, or per-step triples (the last repeats).
+    ``norm_scale`` None takes the preset's (1.02 for Polar Express), else 1. Returns G's shape
+    and dtype, contiguous; the values are bf16's.
+    """
+    triples, preset_scale = ns_schedule(coefficients, steps)
+    flat = [v for t in triples for v in t]
+    scale = preset_scale if norm_scale is None else norm_scale
+    return _ns_op(G, steps, flat, eps, scale, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# Muon optimizer
+# ---------------------------------------------------------------------------------------------
+
+def _ns_flops(shape: Sequence[int]) -> int:
+    """Per-step NS FLOPs of one [r, c] matrix (m = min, n = max), symmetric products counted in full:
+    X X^T 2 m^2 n + A A 2 m^3 + B X 2 m^2 n."""
+    m, n = sorted(shape[-2:])
+    return 4 * m * m * n + 2 * m ** 3
+
+
+def _adjust_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) -> float:
+    """torch.optim.Muon's learning-rate scaling, from the last two dims (per expert for [E, out, in])."""
+    rows, cols = shape[-2:]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr * math.sqrt(rows / cols)  # spectral_unclamped
+
+
+Unit = tuple[int, int, int]  # (index into the group's params, first expert, end expert); 2-D: (i, 0, 1)
+
+
+def _plan(shapes: Sequence[torch.Size], world: int) -> list[list[Unit]]:
+    """Split the NS work of ``shapes`` over ``world`` ranks with balanced FLOPs.
+
+    Every 2-D matrix and every expert of a 3-D stack is one item; the items, in parameter order,
+    are cut into ``world`` contiguous runs at equal shares of the total cost (an item goes to the
+    rank whose share holds its cost midpoint), so imbalance is at most one item and each rank
+    gets at most one expert range per stack: one batched call per (rank, stack).
+    """
+    items = [(i, e, _ns_flops(s)) for i, s in enumerate(shapes) for e in range(s[0] if len(s) == 3 else 1)]
+    total = sum(f for _, _, f in items) or 1
+    plan: list[list[Unit]] = [[] for _ in range(world)]
+    done = 0
+    for i, e, f in items:
+        rank = min(world - 1, (2 * done + f) * world // (2 * total))
+        done += f
+        units = plan[rank]
+        if units and units[-1][0] == i and units[-1][2] == e:
+            units[-1] = (i, units[-1][1], e + 1)
+        else:
+            units.append((i, e, e + 1))
+    return plan
+
+
+def _unit_view(t: torch.Tensor, unit: Unit) -> torch.Tensor:
+    return t if t.dim() == 2 else t[unit[1]:unit[2]]
+
+
+class Muon(torch.optim.Optimizer):
+    r"""Muon (momentum orthogonalised by Newton-Schulz), a drop-in for ``torch.optim.Muon``.
+
+    Same constructor and update rule as ``torch.optim.Muon`` (torch 2.13/2.14), per parameter::
+
+        B     <- lerp(B, g, 1 - momentum)                      (B = momentum * B + (1 - momentum) g)
+        U     <- lerp(g, B, momentum) if nesterov else B
+        O     <- newton_schulz(U, ns_steps, ns_coefficients, eps)
+        theta <- theta * (1 - lr * weight_decay)                (decoupled weight decay)
+        theta <- theta - adjust_lr(lr, rows, cols) * O
+
+    ``adjust_lr_fn``: None / "original" ``sqrt(max(1, rows/cols))`` (KellerJordan),
+    "match_rms_adamw" ``0.2 sqrt(max(rows, cols))`` (Moonlight, arXiv 2502.16982),
+    "spectral_unclamped" ``sqrt(rows/cols)``. For 2-D parameters the steps are bit-identical to
+    ``torch.optim.Muon``'s on the ``torch`` backend.
+
+    Beyond ``torch.optim.Muon``:
+
+    * 3-D expert stacks ``[E, out, in]`` (MoE weights): each expert is orthogonalised on its own,
+      the whole stack in one batched call, and ``rows, cols`` are the last two dims (torch's
+      ``shape[:2]`` would be wrong there).
+    * ``ns_coefficients`` also takes a preset name (``"polar_express"``) or per-step triples.
+    * Distributed: with ``process_group`` (or the default group, once initialised) of more than
+      one rank, each rank orthogonalises a FLOP-balanced share of the matrices (whole 2-D
+      parameters and ranges of experts) and one all-gather per parameter group shares the bf16
+      results, so NS work is divided instead of repeated; the result equals the single-process
+      optimizer's. Every rank must hold the same gradients (after DDP's all-reduce) or the same
+      shards of them: FSDP2 (``fully_shard``) DTensor parameters are gathered for NS with
+      ``full_tensor()`` and the update is re-sharded to the parameter's placements.
+    * ``backend`` selects the NS backend (see :func:`newton_schulz`).
+
+    Muon is for the matrices of hidden layers; give the rest (embeddings, LM head, norms,
+    biases, the router's bias) to AdamW::
+
+        muon_params = [p for n, p in model.named_parameters() if p.ndim in (2, 3) and "embed" not in n
+                       and "lm_head" not in n]
+        ids = {id(p) for p in muon_params}
+        other_params = [p for p in model.parameters() if id(p) not in ids]
+        opt_muon = glm45_ops.muon.Muon(muon_params, lr=0.02, momentum=0.95, adjust_lr_fn="match_rms_adamw")
+        opt_adamw = torch.optim.AdamW(other_params, lr=3e-4, weight_decay=0.01)
+        loss.backward(); opt_muon.step(); opt_adamw.step()
+        opt_muon.zero_grad(); opt_adamw.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: Coefficients = DEFAULT_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        *,
+        process_group: "dist.ProcessGroup | None" = None,
+        backend: str | None = None,
+    ) -> None:
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("lr: a Tensor lr must have 1 element")
+        if not 0.0 <= lr:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not 0.0 <= momentum:
+            raise ValueError(f"momentum must be >= 0, got {momentum}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if adjust_lr_fn not in ADJUST_LR_FNS:
+            raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}")
+        ns_schedule(ns_coefficients, ns_steps)
+        defaults = dict(
+            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+            ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+        )
+        super().__init__(params, defaults)
+        self.process_group = process_group
+        self.backend = backend
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim not in (2, 3):
+                    raise ValueError(
+                        f"Muon optimizes matrices [out, in] and expert stacks [E, out, in]; got a parameter of "
+                        f"shape {tuple(p.shape)}: give it to AdamW (see the Muon docstring)"
+                    )
+                if p.is_complex():
+                    raise ValueError(f"Muon does not support complex parameters, got {p.dtype}")
+
+    def _world(self) -> tuple["dist.ProcessGroup | None", int]:
+        pg = self.process_group
+        if pg is None and not (dist.is_available() and dist.is_initialized()):
+            return None, 1
+        return pg, dist.get_world_size(pg)
+
+    def _orthogonalize(self, updates: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """bf16 NS of each update (the values torch.optim.Muon adds), laid out like the update."""
+        from torch.distributed.tensor import DTensor, Replicate
+
+        def ns(x):  # bf16 in, bf16 out: the same values as NS(x) in x's dtype, half the traffic
+            return newton_schulz(
+                x.to(torch.bfloat16), group["ns_steps"], group["ns_coefficients"], group["eps"], backend=self.backend
+            )
+
+        full = [u.full_tensor() if isinstance(u, DTensor) else u for u in updates]
+        pg, world = self._world()
+        if world == 1:
+            out = [ns(u) for u in full]
+        else:
+            out = self._distributed_ns(full, ns, pg, world)
+        return [
+            DTensor.from_local(o, u.device_mesh, [Replicate()] * u.device_mesh.ndim, run_check=False)
+            .redistribute(u.device_mesh, u.placements)
+            if isinstance(u, DTensor) else o
+            for o, u in zip(out, updates)
+        ]
+
+    def _distributed_ns(self, full, ns, pg, world) -> list[torch.Tensor]:
+        plan = _plan([u.shape for u in full], world)
+        rank = dist.get_rank(pg)
+        sizes = [sum(_unit_view(full[i], (i, e0, e1)).numel() for i, e0, e1 in units) for units in plan]
+        device = full[0].device
+        send = torch.zeros(max(sizes), dtype=torch.bfloat16, device=device)
+        offset = 0
+        for unit in plan[rank]:
+            o = ns(_unit_view(full[unit[0]], unit)).reshape(-1)
+            send[offset:offset + o.numel()] = o
+            offset += o.numel()
+        recv = torch.empty((world, send.numel()), dtype=torch.bfloat16, device=device)
+        dist.all_gather(list(recv.unbind(0)), send, group=pg)
+        out = [torch.empty(u.shape, dtype=torch.bfloat16, device=device) for u in full]
+        for r, units in enumerate(plan):
+            offset = 0
+            for unit in units:
+                dst = _unit_view(out[unit[0]], unit)
+                dst.copy_(recv[r, offset:offset + dst.numel()].view(dst.shape))
+                offset += dst.numel()
+        return out
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One Muon step for every parameter with a gradient; returns ``closure()``'s loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr = float(group["lr"])
+            momentum = group["momentum"]
+            params, updates = [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Muon does not support sparse gradients")
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                params.append(p)
+                updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
+            if not params:
+                continue
+            for p, o in zip(params, self._orthogonalize(updates, group)):
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(o, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+        return loss

@@ -1,0 +1,177 @@
+"""Triton kernels for Muon's Newton-Schulz step (definition: glm45_ops/reference/muon.py).
+
+One NS step ``A = X X^T; B = b A + c A A; X' = a X + B X`` is three launches, each batched over
+the leading (expert) dim through grid axis 1:
+
+* :func:`sym_gram` computes ``alpha * X X^T (+ beta * C)``. The result is symmetric, so only the
+  upper-triangle tiles are computed and each program stores its tile at (i, j) and, transposed,
+  at (j, i): half the FLOPs of a full product. With ``X = A`` (symmetric, so ``A A = A A^T``) and
+  ``C = A`` it is ``b A + c A A`` with the ``b A`` epilogue fused (Flash-Muon's observation;
+  Dion's Triton NS does the same).
+* :func:`ns_update` computes ``a X + B X`` with the ``a X`` epilogue fused.
+
+bf16 operands, fp32 accumulation, one rounding to the output dtype after the epilogue (what
+cuBLAS's fused ``addmm`` does), so results differ from the reference only by accumulation order.
+Under the interpreter bf16 ``tl.dot`` is wrong (it multiplies raw bits), so operands are upcast
+to fp32 there (``UPCAST``): bf16 products are exact in fp32, so this is the GPU's arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_ops import interpreting
+
+# Hopper tiles: 128x128 outputs, 64-deep K steps, 8 warps (4 warps spill at 128x128, KNOWLEDGE §2).
+GPU_BLOCK, GPU_BLOCK_K, GPU_WARPS, GPU_STAGES = 128, 64, 8, 3
+GROUP_M = 8  # tile-row grouping of ns_update's grid, for L2 reuse of B's rows
+# Interpreter cost is per program and per loop trip: K in one or two trips, wide update tiles,
+# and small Gram tiles so that small test matrices still have off-diagonal tiles to mirror.
+INTERP_GRAM_BLOCK, INTERP_UPDATE_BLOCK_M, INTERP_UPDATE_BLOCK_N, INTERP_MAX_BLOCK_K = 32, 64, 128, 512
+
+
+@triton.jit
+def _upper_tile(t):
+    """Linear index t over the upper triangle -> tile (i, j) with i <= j, row-major by j.
+
+    ``j = floor((sqrt(8t + 1) - 1) / 2)`` inverts ``t = j (j + 1) / 2 + i``; the two corrections
+    absorb fp32 sqrt rounding."""
+    j = ((tl.sqrt_rn((8 * t + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
+    j = tl.where((j + 1) * (j + 2) // 2 <= t, j + 1, j)
+    j = tl.where(j * (j + 1) // 2 > t, j - 1, j)
+    return t - j * (j + 1) // 2, j
+
+
+@triton.jit
+def _sym_gram_kernel(
+    x_ptr, c_ptr, o_ptr,
+    M, K,
+    x_b_stride, x_r_stride, x_k_stride,
+    c_b_stride, c_r_stride, c_c_stride,
+    o_b_stride, o_r_stride, o_c_stride,
+    alpha, beta,
+    HAS_C: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # out = alpha * X X^T (+ beta * C) for one upper tile (ti, tj), stored at both (ti, tj) and
+    # (tj, ti). Diagonal tiles are stored once (their mirror is themselves).
+    ti, tj = _upper_tile(tl.program_id(0))
+    pid_b = tl.program_id(1).to(tl.int64)
+    rows = ti * BLOCK + tl.arange(0, BLOCK)
+    cols = tj * BLOCK + tl.arange(0, BLOCK)
+    ks = tl.arange(0, BLOCK_K)
+    x_base = x_ptr + pid_b * x_b_stride
+    a_ptrs = x_base + rows[:, None].to(tl.int64) * x_r_stride + ks[None, :] * x_k_stride
+    b_ptrs = x_base + cols[None, :].to(tl.int64) * x_r_stride + ks[:, None] * x_k_stride
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = ks < K - k0
+        a = tl.load(a_ptrs, mask=(rows < M)[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & (cols < M)[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * x_k_stride
+        b_ptrs += BLOCK_K * x_k_stride
+    acc = acc * alpha
+    mask = (rows < M)[:, None] & (cols < M)[None, :]
+    if HAS_C:
+        c_offs = rows[:, None].to(tl.int64) * c_r_stride + cols[None, :] * c_c_stride
+        acc += beta * tl.load(c_ptr + pid_b * c_b_stride + c_offs, mask=mask, other=0.0).to(tl.float32)
+    out = acc.to(o_ptr.dtype.element_ty)
+    o_base = o_ptr + pid_b * o_b_stride
+    tl.store(o_base + rows[:, None].to(tl.int64) * o_r_stride + cols[None, :] * o_c_stride, out, mask=mask)
+    mirror_mask = (cols < M)[:, None] & (rows < M)[None, :] & (ti != tj)
+    tl.store(
+        o_base + cols[:, None].to(tl.int64) * o_r_stride + rows[None, :] * o_c_stride,
+        tl.trans(out), mask=mirror_mask,
+    )
+
+
+@triton.jit
+def _ns_update_kernel(
+    bm_ptr, x_ptr, o_ptr,
+    M, N,
+    bm_b_stride, bm_r_stride, bm_c_stride,
+    x_b_stride, x_r_stride, x_c_stride,
+    o_b_stride, o_r_stride, o_c_stride,
+    a_coef,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # out[M, N] = a * X + B X with B [M, M]: a GEMM over K = M with the a*X epilogue.
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    n_pid_m = tl.cdiv(M, BLOCK_M)
+    n_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP * n_pid_n
+    first_m = (pid // group_size) * GROUP
+    group_m = tl.minimum(n_pid_m - first_m, GROUP)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    bm_ptrs = bm_ptr + pid_b * bm_b_stride + rows[:, None].to(tl.int64) * bm_r_stride + ks[None, :] * bm_c_stride
+    x_base = x_ptr + pid_b * x_b_stride
+    x_ptrs = x_base + ks[:, None].to(tl.int64) * x_r_stride + cols[None, :] * x_c_stride
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, M, BLOCK_K):
+        kmask = ks < M - k0
+        bm = tl.load(bm_ptrs, mask=(rows < M)[:, None] & kmask[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=kmask[:, None] & (cols < N)[None, :], other=0.0)
+        if UPCAST:
+            bm = bm.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(bm, x, acc)
+        bm_ptrs += BLOCK_K * bm_c_stride
+        x_ptrs += BLOCK_K * x_r_stride
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    x_tile = tl.load(x_base + rows[:, None].to(tl.int64) * x_r_stride + cols[None, :] * x_c_stride, mask=mask, other=0.0)
+    acc += a_coef * x_tile.to(tl.float32)
+    o_offs = rows[:, None].to(tl.int64) * o_r_stride + cols[None, :] * o_c_stride
+    tl.store(o_ptr + pid_b * o_b_stride + o_offs, acc.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_k(k: int) -> int:
+    return min(INTERP_MAX_BLOCK_K, max(16, triton.next_power_of_2(k))) if interpreting() else GPU_BLOCK_K
+
+
+def sym_gram(
+    x: torch.Tensor, out: torch.Tensor, alpha: float = 1.0, c: torch.Tensor | None = None, beta: float = 0.0
+) -> None:
+    """Fill ``out`` ``[B, M, M]`` with ``alpha * x x^T + beta * c`` (``c`` ``[B, M, M]`` or None),
+    ``x`` ``[B, M, K]``; any strides. The result must be symmetric for ``c``'s part to mirror:
+    ``c`` must be symmetric (it is ``A`` in NS)."""
+    nb, m, k = x.shape
+    if out.numel() == 0:
+        return
+    block = INTERP_GRAM_BLOCK if interpreting() else GPU_BLOCK
+    nt = triton.cdiv(m, block)
+    cc = c if c is not None else out
+    _sym_gram_kernel[(nt * (nt + 1) // 2, nb)](
+        x, cc, out, m, k,
+        *x.stride(), *cc.stride(), *out.stride(),
+        alpha, beta,
+        HAS_C=c is not None, BLOCK=block, BLOCK_K=_block_k(k), UPCAST=interpreting(),
+        num_warps=GPU_WARPS, num_stages=GPU_STAGES,
+    )
+
+
+def ns_update(bmat: torch.Tensor, x: torch.Tensor, out: torch.Tensor, a: float) -> None:
+    """Fill ``out`` ``[B, M, N]`` with ``a * x + bmat @ x`` (``bmat`` ``[B, M, M]``, ``x`` ``[B, M, N]``);
+    any strides, ``out`` must not overlap ``x``."""
+    nb, m, n = x.shape
+    if out.numel() == 0:
+        return
+    bm, bn = (INTERP_UPDATE_BLOCK_M, INTERP_UPDATE_BLOCK_N) if interpreting() else (GPU_BLOCK, GPU_BLOCK)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), nb)
+    _ns_update_kernel[grid](
+        bmat, x, out, m, n,
+        *bmat.stride(), *x.stride(), *out.stride(),
+        a,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=_block_k(m), GROUP=GROUP_M, UPCAST=interpreting(),
+        num_warps=GPU_WARPS, num_stages=GPU_STAGES,
+    )

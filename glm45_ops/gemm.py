@@ -27,7 +27,6 @@ __all__ = ["GEMM_BLOCK", "fp8_block_gemm", "fp8_linear", "scale_layout"]
 
 _OUT_DTYPES = (torch.bfloat16, torch.float32)
 _ROW_ALIGN_BYTES = 16  # TMA: every row stride of a and b a multiple of 16 bytes
-_SCALE_ALIGN = 4  # MN-major a_scale: M stride a multiple of 4 fp32 (16 bytes, TMA)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -35,21 +34,22 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def scale_layout(a_scale: torch.Tensor) -> str | None:
-    """``"row"`` (K/128 contiguous), ``"mn"`` (M contiguous, M stride a multiple of 4 and >= M:
-    what ``per_token_group_quant_fp8(column_major_scales=True)`` returns) or ``None`` (neither).
+    """``"row"`` (unit stride along K/128) or ``"mn"`` (unit stride along M, M stride >= M: what
+    ``per_token_group_quant_fp8(column_major_scales=True)`` returns, M stride rounded up to 4),
+    or ``None`` (neither, or overlapping).
 
     Size-1 dims have no meaningful stride, so a ``[1, G]`` or ``[M, 1]`` scale may be both;
-    ``"mn"`` wins then (it is what the kernels read without a copy).
+    ``"mn"`` wins then (the layout the kernels read without a copy).
     """
     m, g = a_scale.shape
     if m == 0:
         return "mn"
     s_m, s_g = a_scale.stride()
-    mn = (m == 1 or s_m == 1) and (g == 1 or (s_g % _SCALE_ALIGN == 0 and s_g >= m))
-    if mn:
+    if (m == 1 or s_m == 1) and (g == 1 or s_g >= m):
         return "mn"
-    row = (g == 1 or s_g == 1) and (m == 1 or s_m >= g)
-    return "row" if row else None
+    if (g == 1 or s_g == 1) and (m == 1 or s_m >= g):
+        return "row"
+    return None
 
 
 def _check_fp8_matrix(name: str, t: torch.Tensor) -> None:
@@ -90,7 +90,7 @@ def _check_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
     if scale_layout(a_scale) is None:
         raise ValueError(
             "a_scale must be row-major (unit stride along K/128) or MN-major (unit stride along M, "
-            f"M stride a multiple of {_SCALE_ALIGN} and >= M), got strides {tuple(a_scale.stride())}"
+            f"M stride >= M), got strides {tuple(a_scale.stride())}"
         )
     _check_scale("b_scale", b_scale, (_cdiv(n, GEMM_BLOCK), groups))
     if groups > 1 and b_scale.stride(1) != 1:
@@ -136,7 +136,8 @@ def fp8_block_gemm(
     """``out = (a * a_scale) @ (b * b_scale)^T`` with 1 x 128 and 128 x 128 scale blocks.
 
     ``a`` e4m3 ``[M, K]`` (any M >= 0), ``a_scale`` fp32 ``[M, K/128]`` row-major or MN-major
-    (see :func:`scale_layout`), ``b`` e4m3 ``[N, K]`` (any N >= 1), ``b_scale`` fp32
+    (see :func:`scale_layout`; MN-major with its M stride a multiple of 4, as the quantizer
+    writes it, is what the kernels read fastest), ``b`` e4m3 ``[N, K]`` (any N >= 1), ``b_scale`` fp32
     ``[ceil(N/128), K/128]`` with a unit last stride -> ``out_dtype`` (bf16 or fp32) ``[M, N]``,
     contiguous. K must be a multiple of 128; ``a`` and ``b`` need unit last strides and row
     strides that are multiples of 16 (TMA). UE8M0 (power-of-two) scales need nothing special.

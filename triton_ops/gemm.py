@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from triton_ops import interpreting
+from triton_ops._common import to_out_dtype
 
 BLOCK_K = 128  # = the scale granularity along K: one promotion per K block
 
@@ -31,7 +32,7 @@ def _fp8_block_gemm_kernel(
     M, N, K,
     stride_am, stride_bn, stride_asm, stride_ask, stride_bsn, stride_bsk, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, ROUND_ON_GRID: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -65,7 +66,7 @@ def _fp8_block_gemm_kernel(
         b_ptrs += BLOCK_K
 
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(c_ptrs, to_out_dtype(acc, c_ptr.dtype.element_ty, ROUND_ON_GRID), mask=mask_m[:, None] & mask_n[None, :])
 
 
 class GemmConfig(NamedTuple):
@@ -116,5 +117,5 @@ def fp8_block_gemm(
         a.stride(0), b.stride(0), a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
         out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m,
-        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        NUM_STAGES=cfg.num_stages, ROUND_ON_GRID=interpreting(), num_warps=cfg.num_warps,
     )

@@ -10,6 +10,7 @@ from glm45_ops._registry import BACKENDS, default_backend, registered_ops, use_b
 from glm45_ops import quant  # noqa: F401  (defines the glm45:: quant ops)
 from glm45_ops import gemm  # noqa: F401  (defines the glm45:: gemm ops)
 from glm45_ops import muon  # noqa: F401  (defines the glm45:: muon ops)
+from glm45_ops import speculative  # noqa: F401  (defines the glm45:: speculative ops)
 from glm45_ops._extension import extension_error, extension_loaded
 from glm45_ops._info import info
 
@@ -25,5 +26,6 @@ __all__ = [
     "muon",
     "quant",
     "registered_ops",
+    "speculative",
     "use_backend",
 ]

@@ -109,6 +109,26 @@ def op_runner(fn: Callable, backend: str, device: torch.device, *args, **kwargs)
     return lambda: fn(*args, backend=backend, **kwargs)
 
 
+def smoke(peer: str, run: Runner) -> Runner:
+    """Call a peer's runner once (compiles, autotunes, and turns an API mismatch between peer
+    versions into a :class:`Skip` instead of an error in the timed loop)."""
+    try:
+        run()
+    except Exception as e:
+        raise Skip(f"{peer} call failed: {type(e).__name__}: {e}") from None
+    return run
+
+
+def compile_peer(fn: Callable, device: torch.device) -> Callable:
+    """``torch.compile(fn)`` as the "torch.compile" peer (GPU only: on the CPU its compile
+    outlasts the benchmark). Dynamo's caches are reset first: many shapes of one reference
+    would otherwise hit the recompile limit and silently run eagerly."""
+    if device.type != "cuda":
+        raise Skip("torch.compile peer runs on GPU only (on CPU its compile outlasts the benchmark)")
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
 def randn(shape: Iterable[int], dtype: torch.dtype, device: torch.device, gen: torch.Generator, std: float = 1.0) -> torch.Tensor:
     """Normal random tensor drawn on ``device`` (fast for GB-sized inputs), never all zeros."""
     return (torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32) * std).to(dtype)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_ops import interpreting
+from triton_ops import CompileSpec, interpreting
 from triton_ops._common import ceil_pow2, round_to_e4m3_grid, to_out_dtype
 
 
@@ -154,3 +154,71 @@ def dequant_fp8(x_q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, block
         out.stride(0), out.stride(1),
         BM=block_m, BN=block_n, TILE_R=tile_r, TILE_C=tile_c, ROUND_ON_GRID=interpreting(), num_warps=4,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Default GPU configurations, for `glm45-bench compile-report` (format: triton_ops/__init__.py)
+# ---------------------------------------------------------------------------------------------
+# Strides and sizes are i32: the JIT passes ints below 2**31 as i32, which covers every GLM-4.5
+# weight (the kernels widen program ids to int64 themselves before multiplying by strides).
+
+_TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _ptgq_spec(dtype: torch.dtype, ue8m0: bool, column_major: bool) -> CompileSpec:
+    # Row-major scales have a unit column stride, column-major a unit row stride: the JIT
+    # specializes the 1 to a constant, and so do we.
+    unit, strided = ("s_row_stride", "s_col_stride") if column_major else ("s_col_stride", "s_row_stride")
+    sig = {"x_ptr": f"*{_TL[dtype]}", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "n_groups": "i32",
+           "groups_per_row": "i32", "x_row_stride": "i32", "q_row_stride": "i32", "s_row_stride": "i32",
+           "s_col_stride": "i32", "eps": "fp32", "GROUP": "constexpr", "BLOCK_K": "constexpr",
+           "BLOCK_G": "constexpr", "UE8M0": "constexpr", "ROUND_ON_GRID": "constexpr"}
+    sig[unit] = "constexpr"
+    return CompileSpec(
+        label=f"{_TL[dtype]}{' ue8m0' if ue8m0 else ''}{' col-major' if column_major else ''}",
+        kernel=_per_token_group_quant_fp8_kernel,
+        signature=sig,
+        constexprs={unit: 1, "GROUP": 128, "BLOCK_K": 128, "BLOCK_G": 2048 // 128, "UE8M0": ue8m0,
+                    "ROUND_ON_GRID": False},
+        options={"num_warps": 4},
+        aligned=("x_row_stride", "q_row_stride", strided),
+    )
+
+
+def _pbq_spec(dtype: torch.dtype, ue8m0: bool) -> CompileSpec:
+    strides = ("w_e_stride", "w_n_stride", "q_e_stride", "q_n_stride", "s_e_stride", "s_n_stride")
+    return CompileSpec(
+        label=f"{_TL[dtype]}{' ue8m0' if ue8m0 else ''}",
+        kernel=_per_block_quant_fp8_kernel,
+        signature={"w_ptr": f"*{_TL[dtype]}", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "N": "i32", "K": "i32",
+                   **{s: "i32" for s in strides},
+                   "eps": "fp32", "BLOCK": "constexpr", "UE8M0": "constexpr", "ROUND_ON_GRID": "constexpr"},
+        constexprs={"BLOCK": 128, "UE8M0": ue8m0, "ROUND_ON_GRID": False},
+        options={"num_warps": 8},
+        aligned=("K", "w_n_stride", "q_n_stride"),
+    )
+
+
+def _dequant_spec(block_m: int, block_n: int) -> CompileSpec:
+    return CompileSpec(
+        label=f"{block_m}x{block_n} -> bf16",
+        kernel=_dequant_fp8_kernel,
+        signature={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "o_ptr": "*bf16", "R": "i32", "C": "i32",
+                   "q_b_stride": "i32", "q_r_stride": "i32", "s_b_stride": "i32", "s_r_stride": "i32",
+                   "s_c_stride": "constexpr", "o_b_stride": "i32", "o_r_stride": "i32",
+                   "BM": "constexpr", "BN": "constexpr", "TILE_R": "constexpr", "TILE_C": "constexpr",
+                   "ROUND_ON_GRID": "constexpr"},
+        constexprs={"s_c_stride": 1, "BM": block_m, "BN": block_n, "TILE_R": 32, "TILE_C": 128,
+                    "ROUND_ON_GRID": False},
+        options={"num_warps": 4},
+        aligned=("C", "q_r_stride", "o_r_stride"),
+    )
+
+
+COMPILE_SPECS = [
+    *(_ptgq_spec(dt, ue8m0, False) for dt in _TL for ue8m0 in (False, True)),
+    _ptgq_spec(torch.bfloat16, True, True),
+    *(_pbq_spec(dt, ue8m0) for dt in _TL for ue8m0 in (False, True)),
+    _dequant_spec(1, 128),
+    _dequant_spec(128, 128),
+]

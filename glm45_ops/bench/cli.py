@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(fam, parents=[bench], help=f"benchmark the {fam} family")
     sub.add_parser("all", parents=[bench], help="benchmark every family")
     sub.add_parser("ceilings", help="measure this GPU's copy bandwidth and matmul TFLOP/s").add_argument("--json")
-    sub.add_parser("compile-report", help="AOT-compile Triton kernels for sm_90a; registers, spills").add_argument("--json")
+    report_p = sub.add_parser("compile-report", help="AOT-compile Triton kernels for sm_90a; registers, spills")
+    report_p.add_argument("--json")
+    report_p.add_argument("--families", default="", help="comma list of triton_ops modules (default: all)")
     return p
 
 
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compile-report":
         from glm45_ops.bench import compile_report
 
-        return compile_report.main(args.json)
+        return compile_report.main(args.json, [f for f in args.families.split(",") if f] or None)
     return _bench(args, argv)
 
 

@@ -1,0 +1,346 @@
+// FP8 block-scaled GEMM on Hopper (sm_90a) with CUTLASS 4.x: the CUDA-key kernel of
+//   glm45::fp8_block_gemm(a, a_scale, b, b_scale, out_dtype) -> out
+// (schema, checks and fake: glm45_ops/gemm.py; numerical definition: glm45_ops/reference/gemm.py).
+//
+//   out[m, n] = sum_k a[m,k] a_scale[m, k/128] b[n,k] b_scale[n/128, k/128]
+//
+// DeepSeek-V3 / DeepGEMM recipe: e4m3 operands through TMA into a warp-specialized wgmma mainloop;
+// each 128-wide K slice is accumulated by the tensor cores into a fresh fp32 partial that is scaled
+// by a_scale * b_scale and added into the fp32 accumulator on the CUDA cores (CUTLASS's
+// KernelTmaWarpSpecializedCooperativeFP8BlockScaledAccum). Stream-K persistent scheduling (it
+// also fills the SMs when the tile count is not a multiple of 132, and splits K when there are
+// few tiles), one rounding into bf16 or fp32 by the TMA epilogue.
+//
+// Two kernels per output dtype, chosen by M:
+// * M > 64: 128 x 128 x 128 tiles, two consumer warpgroups (cooperative).
+// * M <= 64 (decode): swap-AB, D^T = b a^T: the weight's N fills wgmma's 128-row M side and the
+//   few tokens sit on its N side (64), so a tile is one weight block and no wgmma row is wasted
+//   on padding tokens; stream-K splits K so every SM streams a share of the weight (DeepGEMM's
+//   weak spot at small M is too few CTAs, not the math).
+// Tile shapes are a first guess, pending tuning on an H200.
+//
+// Layouts: CUTLASS reads a_scale M-major through TMA (16-byte aligned M stride), which is what
+// per_token_group_quant_fp8(column_major_scales=True) writes: no copy. A row-major or unaligned
+// a_scale is first copied into that layout (one small transpose: M * K/128 * 4 bytes each way,
+// 1.5 MB at M = 4096, K = 12288). b_scale is read K-major as given (cp.async, any row stride).
+// The TMA store needs 16-byte aligned output rows: N % 8 (bf16) or N % 4 (fp32); other N (never
+// in GLM-4.5) go through a padded temporary and one extra copy of the output.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "cutlass/arch/config.h"
+
+#if defined(CUTLASS_ARCH_MMA_SM90_SUPPORTED)
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/detail/blockwise_scale_layout.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/gemm/kernel/tile_scheduler.hpp"
+#include "cutlass/kernel_hardware_info.h"
+#include "cutlass/numeric_types.h"
+#include "cutlass/util/packed_stride.hpp"
+#endif
+
+namespace glm45 {
+namespace {
+
+constexpr int64_t kBlock = 128;        // scale granularity along K (and along the weight's N)
+constexpr int64_t kRowAlignBytes = 16;  // TMA: 16-byte aligned global strides and base addresses
+constexpr int64_t kScaleAlign = 4;      // a_scale M stride in fp32: 16 bytes
+constexpr int64_t kSwapAbMaxM = 64;     // at and below this M, the swap-AB decode kernel
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % kRowAlignBytes == 0; }
+
+#if defined(CUTLASS_ARCH_MMA_SM90_SUPPORTED)
+using namespace cute;
+
+// One GEMM configuration. Non-swapped: (M, N, K) = (tokens, out features, K), A = activations
+// (1 x 128 scales, M-major), B = weights (128 x 128 scales, K-major), D row-major. Swapped: the
+// roles of a and b exchange, D^T is column-major, which is the same memory as row-major D.
+template <class ElementD_, class TileShape, bool SwapAB>
+struct Fp8BlockGemm {
+  using ElementD = ElementD_;
+  using ElementAB = cutlass::float_e4m3_t;
+  using LayoutA = cutlass::layout::RowMajor;     // [M', K], K contiguous
+  using LayoutB = cutlass::layout::ColumnMajor;  // [N', K], K contiguous (CUTLASS's "TN")
+  using LayoutD = std::conditional_t<SwapAB, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  static constexpr int kAlignAB = 16;  // elements of 1 byte: 16-byte TMA rows
+  static constexpr int kAlignD = 128 / cutlass::sizeof_bits<ElementD>::value;
+
+  // (granularity M, N, K; major-ness of A's and B's scales)
+  using ScaleConfig = std::conditional_t<
+      SwapAB,
+      cutlass::detail::Sm90BlockwiseScaleConfig<kBlock, 1, kBlock, cute::GMMA::Major::K, cute::GMMA::Major::MN>,
+      cutlass::detail::Sm90BlockwiseScaleConfig<1, kBlock, kBlock, cute::GMMA::Major::MN, cute::GMMA::Major::K>>;
+  using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
+  using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
+
+  using ClusterShape = Shape<_1, _1, _1>;
+  using ArchTag = cutlass::arch::Sm90;
+  using OpClass = cutlass::arch::OpClassTensorOp;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      ArchTag, OpClass, TileShape, ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto,
+      float, float,                    // accumulator, epilogue compute
+      void, LayoutD, kAlignD,          // no C operand: D = accumulator
+      ElementD, LayoutD, kAlignD,
+      cutlass::epilogue::TmaWarpSpecializedCooperative,
+      cutlass::epilogue::fusion::LinearCombination<ElementD, float, void, float>>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      ArchTag, OpClass,
+      ElementAB, cute::tuple<LayoutA, LayoutSFA>, kAlignAB,
+      ElementAB, cute::tuple<LayoutB, LayoutSFB>, kAlignAB,
+      float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8BlockScaledAccum>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<
+      Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue, cutlass::gemm::StreamKScheduler>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+// Scale layouts with the strides the tensors actually have (CUTLASS's tile_atom_to_shape_* would
+// assume packed ones). M-major: mode 0 unit stride, ld between K blocks; K-major: the reverse.
+template <class Layout, int GranMN>
+Layout mn_major_scales(int mn, int k_blocks, int ld) {
+  return make_layout(make_shape(make_shape(Int<GranMN>{}, int(cutlass::ceil_div(mn, GranMN))),
+                                make_shape(Int<int(kBlock)>{}, k_blocks), 1),
+                     make_stride(make_stride(_0{}, _1{}), make_stride(_0{}, ld), ld * k_blocks));
+}
+
+template <class Layout, int GranMN>
+Layout k_major_scales(int mn, int k_blocks, int ld) {
+  const int blocks = int(cutlass::ceil_div(mn, GranMN));
+  return make_layout(make_shape(make_shape(Int<GranMN>{}, blocks), make_shape(Int<int(kBlock)>{}, k_blocks), 1),
+                     make_stride(make_stride(_0{}, ld), make_stride(_0{}, _1{}), ld * blocks));
+}
+
+int sm_count(int device) {
+  static int cached[64] = {};
+  if (device < 0 || device >= 64) return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+  if (!cached[device]) cached[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+  return cached[device];
+}
+
+// Operands as CUTLASS sees them (after the optional swap): A' [Mp, K] with scales sfa, B' [Np, K]
+// with scales sfb, D [Mp, Np] (row-major, or column-major when swapped) with leading dim ld_d.
+struct Problem {
+  int m, n, k;
+  const void* a;
+  int64_t lda;
+  const float* sfa;
+  int ld_sfa;
+  const void* b;
+  int64_t ldb;
+  const float* sfb;
+  int ld_sfb;
+  void* d;
+  int64_t ld_d;
+};
+
+template <class Config>
+void run(const Problem& p, int device, cudaStream_t stream) {
+  using Gemm = typename Config::Gemm;
+  using ElementAB = typename Config::ElementAB;
+  using StrideA = typename Gemm::GemmKernel::StrideA;
+  using StrideB = typename Gemm::GemmKernel::StrideB;
+  using StrideC = typename Gemm::GemmKernel::StrideC;
+  using StrideD = typename Gemm::GemmKernel::StrideD;
+  using LayoutSFA = typename Config::LayoutSFA;
+  using LayoutSFB = typename Config::LayoutSFB;
+  constexpr bool kSwap = std::is_same_v<typename Config::LayoutD, cutlass::layout::ColumnMajor>;
+
+  StrideA stride_a = cutlass::make_cute_packed_stride(StrideA{}, make_shape(p.m, p.k, 1));
+  StrideB stride_b = cutlass::make_cute_packed_stride(StrideB{}, make_shape(p.n, p.k, 1));
+  StrideD stride_d = cutlass::make_cute_packed_stride(StrideD{}, make_shape(p.m, p.n, 1));
+  get<0>(stride_a) = p.lda;
+  get<0>(stride_b) = p.ldb;
+  if constexpr (kSwap) {
+    get<1>(stride_d) = p.ld_d;
+  } else {
+    get<0>(stride_d) = p.ld_d;
+  }
+  const int k_blocks = p.k / int(kBlock);
+  LayoutSFA layout_sfa;
+  LayoutSFB layout_sfb;
+  if constexpr (kSwap) {  // A' = weights (128 x 128, K-major), B' = activations (1 x 128, M-major)
+    layout_sfa = k_major_scales<LayoutSFA, int(kBlock)>(p.m, k_blocks, p.ld_sfa);
+    layout_sfb = mn_major_scales<LayoutSFB, 1>(p.n, k_blocks, p.ld_sfb);
+  } else {
+    layout_sfa = mn_major_scales<LayoutSFA, 1>(p.m, k_blocks, p.ld_sfa);
+    layout_sfb = k_major_scales<LayoutSFB, int(kBlock)>(p.n, k_blocks, p.ld_sfb);
+  }
+
+  cutlass::KernelHardwareInfo hw;
+  hw.device_id = device;
+  hw.sm_count = sm_count(device);
+
+  typename Gemm::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGemm,
+      {p.m, p.n, p.k, 1},
+      {static_cast<const ElementAB*>(p.a), stride_a, static_cast<const ElementAB*>(p.b), stride_b,
+       p.sfa, layout_sfa, p.sfb, layout_sfb},
+      {{}, nullptr, StrideC{}, static_cast<typename Config::ElementD*>(p.d), stride_d},
+      hw};
+  args.epilogue.thread.alpha = 1.0f;
+  args.epilogue.thread.beta = 0.0f;
+
+  Gemm gemm;
+  TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess,
+              "fp8_block_gemm: CUTLASS cannot implement M=", p.m, " N=", p.n, " K=", p.k, " with these strides");
+  // Stream-K's partial-tile workspace, from the caching allocator on this stream (no sync)
+  at::Tensor workspace = at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
+                                   at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
+  cutlass::Status st = gemm.initialize(args, workspace.data_ptr(), stream);
+  TORCH_CHECK(st == cutlass::Status::kSuccess, "fp8_block_gemm: CUTLASS initialize failed: ",
+              cutlassGetStatusString(st));
+  st = gemm.run(stream);
+  TORCH_CHECK(st == cutlass::Status::kSuccess, "fp8_block_gemm: CUTLASS run failed: ", cutlassGetStatusString(st));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <class ElementD>
+void dispatch(const Problem& tokens_major, const Problem& weights_major, int64_t m, int device, cudaStream_t stream) {
+  if (m <= kSwapAbMaxM) {
+    run<Fp8BlockGemm<ElementD, Shape<_128, _64, _128>, true>>(weights_major, device, stream);
+  } else {
+    run<Fp8BlockGemm<ElementD, Shape<_128, _128, _128>, false>>(tokens_major, device, stream);
+  }
+}
+#endif  // CUTLASS_ARCH_MMA_SM90_SUPPORTED
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks: the same rules and messages as glm45_ops/gemm.py (ValueError in Python)
+// ---------------------------------------------------------------------------------------------
+
+void check_fp8_matrix(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat8_e4m3fn, name, " must be float8_e4m3fn, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) % kRowAlignBytes == 0), name,
+                    " must have a unit last stride and a row stride that is a multiple of 16 (TMA), got strides ",
+                    t.strides());
+}
+
+void check_scale(const char* name, const at::Tensor& t, int64_t rows, int64_t cols) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, " must have shape (", rows, ", ",
+                    cols, "), got ", t.sizes());
+}
+
+// a_scale [M, G] is "mn" (unit M stride, M stride... >= M) or "row" (unit K stride): see scale_layout()
+bool scale_is_mn_major(const at::Tensor& s) {
+  const int64_t m = s.size(0), g = s.size(1);
+  return m == 0 || ((m == 1 || s.stride(0) == 1) && (g == 1 || s.stride(1) >= m));
+}
+
+bool scale_is_row_major(const at::Tensor& s) {
+  const int64_t m = s.size(0), g = s.size(1);
+  return (g == 1 || s.stride(1) == 1) && (m == 1 || s.stride(0) >= g);
+}
+
+void check_gemm(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b, const at::Tensor& b_scale,
+                at::ScalarType out_dtype) {
+  check_fp8_matrix("a", a);
+  check_fp8_matrix("b", b);
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(0);
+  TORCH_CHECK_VALUE(b.size(1) == k, "a [M, K] and b [N, K] must share K, got a ", a.sizes(), " and b ", b.sizes());
+  TORCH_CHECK_VALUE(k > 0 && k % kBlock == 0, "K (a.shape[1] = ", k, ") must be a positive multiple of ", kBlock);
+  TORCH_CHECK_VALUE(n > 0, "b must have at least one row (N >= 1)");
+  const int64_t groups = k / kBlock;
+  check_scale("a_scale", a_scale, m, groups);
+  TORCH_CHECK_VALUE(scale_is_mn_major(a_scale) || scale_is_row_major(a_scale),
+                    "a_scale must be row-major (unit stride along K/128) or MN-major (unit stride along M, "
+                    "M stride >= M), got strides ", a_scale.strides());
+  check_scale("b_scale", b_scale, (n + kBlock - 1) / kBlock, groups);
+  TORCH_CHECK_VALUE(groups == 1 || b_scale.stride(1) == 1, "b_scale must have a unit last stride, got strides ",
+                    b_scale.strides());
+  TORCH_CHECK_VALUE(out_dtype == at::kBFloat16 || out_dtype == at::kFloat,
+                    "out_dtype must be bfloat16 or float32, got ", out_dtype);
+  const at::Device dev = a.device();
+  TORCH_CHECK_VALUE(a_scale.device() == dev && b.device() == dev && b_scale.device() == dev,
+                    "a, a_scale, b and b_scale must be on one device, got ", dev, ", ", a_scale.device(), ", ",
+                    b.device(), " and ", b_scale.device());
+  TORCH_CHECK_VALUE(a.is_cuda(), "a must be a CUDA tensor for the cuda backend, got device ", a.device());
+}
+
+// a_scale as the kernels read it: M-major, M stride a multiple of 4, 16-byte aligned base. The
+// quantizer's column_major_scales output already is; anything else costs one small copy.
+at::Tensor mn_major_aligned(const at::Tensor& s) {
+  const int64_t m = s.size(0), g = s.size(1);
+  const bool ok = (m <= 1 || s.stride(0) == 1) && (g == 1 || s.stride(1) % kScaleAlign == 0) && aligned16(s) &&
+                  scale_is_mn_major(s);
+  if (ok) return s;
+  at::Tensor t = at::empty({g, round_up(std::max<int64_t>(m, 1), kScaleAlign)}, s.options()).t().narrow(0, 0, m);
+  t.copy_(s);
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The op
+// ---------------------------------------------------------------------------------------------
+
+at::Tensor fp8_block_gemm(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                          const at::Tensor& b_scale, at::ScalarType out_dtype) {
+  check_gemm(a, a_scale, b, b_scale, out_dtype);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(0);
+  at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
+  if (m == 0) return out;
+
+#if defined(CUTLASS_ARCH_MMA_SM90_SUPPORTED)
+  const int device = a.get_device();
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  TORCH_CHECK(major == 9 && minor == 0, "fp8_block_gemm's CUDA kernel is built for sm_90a (H100/H200), this GPU is sm_",
+              major, minor, ": use backend='triton'");
+  TORCH_CHECK(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX, "fp8_block_gemm: dims must fit in int32");
+
+  // TMA needs 16-byte aligned bases; views at odd offsets (rare) are copied
+  const at::Tensor a_ = aligned16(a) ? a : a.clone();
+  const at::Tensor b_ = aligned16(b) ? b : b.clone();
+  const at::Tensor sa = mn_major_aligned(a_scale);
+  const int ld_sa = int(a_scale.size(1) == 1 ? round_up(m, kScaleAlign) : sa.stride(1));
+  const int ld_sb = int(b_scale.size(0) == 1 ? b_scale.size(1) : b_scale.stride(0));
+
+  // the TMA store writes 16-byte aligned rows: pad N when it does not allow that
+  const int64_t align_n = 16 / at::elementSize(out_dtype);
+  const bool padded = n % align_n != 0;
+  at::Tensor d = padded ? at::empty({m, round_up(n, align_n)}, out.options()) : out;
+
+  const Problem tokens_major{int(m), int(n), int(k), a_.data_ptr(), a_.stride(0), sa.data_ptr<float>(), ld_sa,
+                             b_.data_ptr(), b_.stride(0), b_scale.data_ptr<float>(), ld_sb, d.data_ptr(), d.stride(0)};
+  const Problem weights_major{int(n), int(m), int(k), b_.data_ptr(), b_.stride(0), b_scale.data_ptr<float>(), ld_sb,
+                              a_.data_ptr(), a_.stride(0), sa.data_ptr<float>(), ld_sa, d.data_ptr(), d.stride(0)};
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  if (out_dtype == at::kBFloat16) {
+    dispatch<cutlass::bfloat16_t>(tokens_major, weights_major, m, device, stream);
+  } else {
+    dispatch<float>(tokens_major, weights_major, m, device, stream);
+  }
+  if (padded) out.copy_(d.narrow(1, 0, n));
+  return out;
+#else
+  TORCH_CHECK(false, "fp8_block_gemm: glm45_ops._C was built without CUTLASS SM90 support (needs CUDA >= 12)");
+#endif
+}
+
+}  // namespace
+}  // namespace glm45
+
+TORCH_LIBRARY_IMPL(glm45, CUDA, m) { m.impl("fp8_block_gemm", &glm45::fp8_block_gemm); }

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The one script for the H200 machine (no network; torch 2.11 / triton 3.6 preinstalled).
+#
+#   bash benchmarks/gpu_check.sh OUTDIR
+#
+# Installs wheels carried in ./wheels (git-ignored: nvidia-cutlass for the CUTLASS headers, and
+# matplotlib / hypothesis if the tests and plots need them), builds glm45_ops._C for sm_90a, runs
+# the `gpu` tests, measures the ceilings, benchmarks every family with refchecks, and writes the
+# compile report. Every step has a timeout and a status line in OUTDIR/summary.txt; a failing
+# step never stops the next. The whole run keeps inside GPU_CHECK_BUDGET_S (default 540 s).
+set -u
+OUT=${1:?usage: gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-$(command -v python || command -v python3)}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
+START=$(date +%s)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # runs from the tree even if the install fails
+BENCH="$PY -m glm45_ops.bench.cli"
+: > "$OUT/summary.txt"
+
+# step NAME TIMEOUT_S CMD...: run CMD with a timeout (capped by what is left of the budget),
+# log to OUT/NAME.log and OUT/log.txt, record "NAME ok|FAIL rc=N|TIMEOUT|SKIPPED" in summary.txt.
+step() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  if (( left < 10 )); then
+    echo "$name: SKIPPED (budget of ${BUDGET}s spent)" | tee -a "$OUT/summary.txt"
+    return
+  fi
+  (( limit > left )) && limit=$left
+  local t0=$(date +%s)
+  echo "=== $name ($(date -u +%FT%TZ), timeout ${limit}s): $*" | tee -a "$OUT/log.txt"
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  cat "$OUT/$name.log" >> "$OUT/log.txt"
+  local status="ok"
+  if (( rc == 124 || rc == 137 )); then status="TIMEOUT"; elif (( rc != 0 )); then status="FAIL rc=$rc"; fi
+  echo "$name: $status ($(( $(date +%s) - t0 ))s)" | tee -a "$OUT/summary.txt"
+}
+
+step date 5 date -u
+step nvidia_smi 20 nvidia-smi
+if compgen -G "wheels/*.whl" > /dev/null; then
+  step wheels 120 "$PY" -m pip install --no-index --no-deps wheels/*.whl
+else
+  echo "wheels: SKIPPED (no wheels/*.whl: CUTLASS kernels need nvidia-cutlass)" | tee -a "$OUT/summary.txt"
+fi
+if [[ "${GPU_CHECK_SKIP_BUILD:-0}" == 1 ]]; then
+  echo "build: SKIPPED (GPU_CHECK_SKIP_BUILD=1)" | tee -a "$OUT/summary.txt"
+else
+  step build 240 env TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 "$PY" -m pip install --no-build-isolation --no-deps -e .
+fi
+step info 60 $BENCH --info
+step pytest_gpu 120 "$PY" -m pytest -q -m gpu tests --junitxml="$OUT/pytest_gpu.xml"
+step ceilings 60 $BENCH ceilings --json "$OUT/ceilings.json"
+CEIL=()
+[[ -s "$OUT/ceilings.json" ]] && CEIL=(--ceilings "$OUT/ceilings.json")
+step bench 240 $BENCH all --refcheck "${CEIL[@]}" --json "$OUT/results.json" --csv "$OUT/results.csv" \
+  --plot "$OUT/roofline.png"
+step compile_report 90 $BENCH compile-report --json "$OUT/compile_report.json"
+
+echo "total: $(( $(date +%s) - START ))s" | tee -a "$OUT/summary.txt"

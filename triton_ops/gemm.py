@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_ops import interpreting
+from triton_ops import CompileSpec, interpreting
 from triton_ops._common import to_out_dtype
 
 BLOCK_K = 128  # = the scale granularity along K: one promotion per K block
@@ -119,3 +119,41 @@ def fp8_block_gemm(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m,
         NUM_STAGES=cfg.num_stages, ROUND_ON_GRID=interpreting(), num_warps=cfg.num_warps,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Default GPU configurations, for `glm45-bench compile-report` (format: triton_ops/__init__.py)
+# ---------------------------------------------------------------------------------------------
+# As the JIT sees a GLM-4.5 call: N, K and the operand row strides multiples of 16; the unit
+# stride of each scale tensor specialized to a constant (MN-major a_scale: its M stride;
+# row-major: its K stride; b_scale: its K stride); ints below 2**31 as i32.
+
+_TL = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _gemm_spec(cfg: GemmConfig, bucket: str, out_dtype: torch.dtype, layout: str) -> CompileSpec:
+    unit_a, other_a = ("stride_asm", "stride_ask") if layout == "mn" else ("stride_ask", "stride_asm")
+    sig = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32",
+           "c_ptr": f"*{_TL[out_dtype]}", "M": "i32", "N": "i32", "K": "i32",
+           "stride_am": "i32", "stride_bn": "i32", "stride_asm": "i32", "stride_ask": "i32",
+           "stride_bsn": "i32", "stride_bsk": "constexpr", "stride_cm": "i32",
+           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
+           "NUM_STAGES": "constexpr", "ROUND_ON_GRID": "constexpr"}
+    sig[unit_a] = "constexpr"
+    return CompileSpec(
+        label=f"{bucket} {cfg.block_m}x{cfg.block_n} -> {_TL[out_dtype]}, a_scale {layout}",
+        kernel=_fp8_block_gemm_kernel,
+        signature=sig,
+        constexprs={unit_a: 1, "stride_bsk": 1, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": BLOCK_K,
+                    "GROUP_M": cfg.group_m, "NUM_STAGES": cfg.num_stages, "ROUND_ON_GRID": False},
+        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+        aligned=("N", "K", "stride_am", "stride_bn", "stride_cm", *((other_a,) if layout == "mn" else ())),
+    )
+
+
+_BUCKETS = ("M<=64", "M<=512", "M>512")
+COMPILE_SPECS = [
+    *(_gemm_spec(cfg, bucket, torch.bfloat16, "mn") for bucket, (_, cfg) in zip(_BUCKETS, CONFIGS)),
+    _gemm_spec(CONFIGS[-1][1], _BUCKETS[-1], torch.bfloat16, "row"),
+    _gemm_spec(CONFIGS[-1][1], _BUCKETS[-1], torch.float32, "mn"),
+]

@@ -89,6 +89,16 @@ def test_broken_family_does_not_break_the_cli(tmp_path, monkeypatch, capsys, one
     assert "per_token_group_quant_fp8 M=1" in text  # ...and the other families still ran
 
 
+def test_verdict_compares_our_best_with_the_best_peer():
+    from glm45_ops.bench.report import verdicts
+    from glm45_ops.bench.runner import Result
+
+    rows = [Result("quant", "c", "[1]", b, "ok", median_us=t) for b, t in
+            (("torch", 90.0), ("triton", 20.0), ("cuda", 10.0), ("vllm", 15.0), ("torch.compile", 30.0))]
+    rows.append(Result("quant", "c", "[1]", "sgl_kernel", "skip", reason="not installed"))
+    assert verdicts(rows) == ["vs peers [c]: ours cuda 10.0 us, best peer vllm 15.0 us: 1.50x"]
+
+
 def test_info(capsys):
     assert cli.main(["--info"]) == 0
     text = capsys.readouterr().out

@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--info", action="store_true", help="print versions, extension state and GPUs, then exit")
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join([*FAMILIES, "all", "ceilings", "compile-report"]) + "}")
     bench = argparse.ArgumentParser(add_help=False)
-    bench.add_argument("--preset", default="glm-4.5", choices=sorted(PRESETS), help="model shapes (CPU: always small)")
+    bench.add_argument("--preset", choices=sorted(PRESETS), help="model shapes (default glm-4.5; CPU: always small)")
     bench.add_argument("--backends", default="", help="comma list of our backends and peers (default: all that apply)")
     bench.add_argument("--cases", default="", help="comma list of substrings of case names; '=NAME' matches exactly")
     bench.add_argument("--refcheck", action="store_true", help="compare each backend's outputs with the reference")
@@ -105,11 +105,11 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
 
     device = _device()
     on_gpu = device.type == "cuda"
-    model = preset(args.preset if on_gpu else "small")
+    model = preset((args.preset or "glm-4.5") if on_gpu else "small")
     ctx = BenchContext(model, device, PREFILL_AND_DECODE_TOKENS if on_gpu and model.name != "small" else CPU_TOKENS)
     if not on_gpu:
         print(CPU_BANNER.format(triton=" and Triton in the interpreter" if _interpreting() else ""))
-        if args.preset != "small":
+        if args.preset not in (None, "small"):
             print(f"(--preset {args.preset} shapes need a GPU; using 'small')")
     ceilings = roofline.load(args.ceilings) if args.ceilings else dict(roofline.H200_MEASURED)
     print(f"device: {_gpu_name()}   preset: {model.name}   tokens: {list(ctx.tokens)}")
@@ -152,7 +152,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             fam_results += rows
         print(f"\n[{fam}]" + (" CPU timings" if not on_gpu else ""))
         print(report.table(fam_results))
-        print("\n".join(repros))
+        print("\n".join(repros + report.verdicts(fam_results)))
         results += fam_results
     if set(wanted) - offered:
         print(f"backends not offered by any case: {', '.join(sorted(set(wanted) - offered))}")

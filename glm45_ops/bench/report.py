@@ -45,6 +45,27 @@ def table(results: Iterable[Result]) -> str:
     return "\n".join(lines)
 
 
+def verdicts(results: Iterable[Result]) -> list[str]:
+    """Per case with a timed peer: our fastest backend against the fastest peer (the targets
+    say "faster than the best peer available in the same run")."""
+    from glm45_ops.bench.case import OUR_BACKENDS
+
+    by_case: dict[str, list[Result]] = defaultdict(list)
+    for r in results:
+        if r.status == "ok":
+            by_case[r.case].append(r)
+    lines = []
+    for case, rows in by_case.items():
+        ours = [r for r in rows if r.backend in OUR_BACKENDS]
+        peers = [r for r in rows if r.backend not in OUR_BACKENDS]
+        if ours and peers:
+            a = min(ours, key=lambda r: r.median_us)
+            b = min(peers, key=lambda r: r.median_us)
+            lines.append(f"vs peers [{case}]: ours {a.backend} {a.median_us:,.1f} us, best peer {b.backend} "
+                         f"{b.median_us:,.1f} us: {b.median_us / a.median_us:.2f}x")
+    return lines
+
+
 def write_json(path: str, record: dict[str, Any], results: Iterable[Result]) -> None:
     with open(path, "w") as f:
         json.dump({**record, "results": [r.asdict() for r in results]}, f, indent=1, default=str)

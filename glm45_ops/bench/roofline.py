@@ -54,33 +54,41 @@ def dump(ceilings: dict[str, Ceiling]) -> dict[str, dict]:
     return {k: asdict(v) for k, v in ceilings.items()}
 
 
-def measure(device: torch.device) -> dict[str, tuple[Ceiling, str]]:
-    """Measure copy bandwidth and bf16/fp8 matmul throughput on ``device`` (a GPU).
-
-    Returns ``{kind: (ceiling, how)}``. Copy: 4 GiB device-to-device ``copy_`` (read + write
-    counted). Matmul: 8192^3 ``torch.matmul`` in bf16, and ``torch._scaled_mm`` on e4m3 with
-    per-tensor scales and fast accumulation (the best case FP8 GEMMs are held to).
-    """
+def _copy(device: torch.device) -> tuple[float, float]:
+    """(bytes/s, us) of a 4 GiB device-to-device copy (read + write counted)."""
     from glm45_ops.bench.timing import time_gpu
 
-    name = torch.cuda.get_device_name(device)
-    out: dict[str, tuple[Ceiling, str]] = {}
     src = torch.empty(2**31, dtype=torch.int16, device=device).random_()
     dst = torch.empty_like(src)
     t = time_gpu(lambda: dst.copy_(src))
-    nbytes = 2 * src.numel() * src.element_size()
-    out["memory"] = (Ceiling(nbytes / (t.median_us * 1e-6), f"{name} 4 GiB copy_, measured", "TB/s"), f"{t.median_us:.0f} us")
-    del src, dst
+    return 2 * src.numel() * src.element_size() / (t.median_us * 1e-6), t.median_us
 
-    n = 8192
+
+def _matmul(device: torch.device, fp8: bool, n: int = 8192) -> tuple[float, float]:
+    """(FLOP/s, us) of an n^3 bf16 ``torch.matmul``, or e4m3 ``torch._scaled_mm`` with
+    per-tensor scales and fast accumulation (the best case FP8 GEMMs are held to)."""
+    from glm45_ops.bench.timing import time_gpu
+
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    t = time_gpu(lambda: a @ b)
-    out["compute:bf16"] = (Ceiling(2 * n**3 / (t.median_us * 1e-6), f"{name} bf16 {n}^3 matmul, measured"),
-                           f"{t.median_us:.0f} us")
-    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()  # B column-major, as cuBLASLt wants
-    one = torch.ones((), device=device)
-    t = time_gpu(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16, use_fast_accum=True))
-    out["compute:fp8"] = (Ceiling(2 * n**3 / (t.median_us * 1e-6), f"{name} fp8 {n}^3 _scaled_mm, measured"),
-                          f"{t.median_us:.0f} us")
-    return out
+    if fp8:
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()  # B column-major for cuBLASLt
+        one = torch.ones((), device=device)
+        t = time_gpu(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16, use_fast_accum=True))
+    else:
+        t = time_gpu(lambda: a @ b)
+    return 2 * n**3 / (t.median_us * 1e-6), t.median_us
+
+
+def measure(device: torch.device) -> dict[str, tuple[Ceiling, str]]:
+    """Measure copy bandwidth and bf16/fp8 matmul throughput on ``device`` (a GPU):
+    ``{kind: (ceiling, how long one call took)}``."""
+    name = torch.cuda.get_device_name(device)
+    bw, bw_us = _copy(device)
+    bf16, bf16_us = _matmul(device, fp8=False)
+    fp8, fp8_us = _matmul(device, fp8=True)
+    return {
+        "memory": (Ceiling(bw, f"{name} 4 GiB copy_, measured", "TB/s"), f"{bw_us:.0f} us"),
+        "compute:bf16": (Ceiling(bf16, f"{name} bf16 8192^3 matmul, measured"), f"{bf16_us:.0f} us"),
+        "compute:fp8": (Ceiling(fp8, f"{name} fp8 8192^3 _scaled_mm fast-accum, measured"), f"{fp8_us:.0f} us"),
+    }

@@ -14,12 +14,13 @@ must match the torch reference bit for bit.
 from __future__ import annotations
 
 import functools
+from math import prod
 from typing import Callable
 
 import torch
 
 from glm45_ops import quant
-from glm45_ops.bench.case import BenchContext, Case, Skip, bit_exact, op_runner, randn, require
+from glm45_ops.bench.case import BenchContext, Case, Skip, bit_exact, compile_peer, op_runner, randn, require, smoke
 from glm45_ops.config import ModelConfig
 from glm45_ops.reference import quant as ref
 
@@ -35,11 +36,9 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+def _peers(peers: tuple[str, ...], headline: bool) -> tuple[str, ...]:
+    # torch.compile costs an inductor compile per case (seconds): only headline cases get it
+    return peers if headline else tuple(p for p in peers if p != "torch.compile")
 
 
 def _fmt(shape, dtype=ACT_DTYPE) -> str:
@@ -48,36 +47,22 @@ def _fmt(shape, dtype=ACT_DTYPE) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Peers: other libraries' implementations of the same computation, found when importable.
-# Each returns a runner or raises Skip; ``_smoke`` calls it once so an API mismatch is a skip.
+# Each returns a runner or raises Skip.
 # ---------------------------------------------------------------------------------------------
-
-def _smoke(peer: str, run: Callable) -> Callable:
-    try:
-        run()
-    except Exception as e:  # a peer's API drift must not stop the benchmark
-        raise Skip(f"{peer} call failed: {type(e).__name__}: {e}") from None
-    return run
-
-
-def _compiled(fn: Callable, device: torch.device) -> Callable:
-    if device.type != "cuda":
-        raise Skip("torch.compile peer runs on GPU only (on CPU its compile outlasts the benchmark)")
-    return torch.compile(fn, dynamic=False)
-
 
 def _ptgq_peer(peer: str, x: torch.Tensor, ue8m0: bool, column_major: bool) -> Callable:
     if x.device.type != "cuda" and peer != "torch.compile":
         raise Skip(f"{peer} runs on GPU only")
     if peer == "torch.compile":
-        fn = _compiled(functools.partial(ref.per_token_group_quant_fp8_ref, group_size=GROUP, eps=EPS,
+        fn = compile_peer(functools.partial(ref.per_token_group_quant_fp8_ref, group_size=GROUP, eps=EPS,
                                          scale_ue8m0=ue8m0), x.device)
-        return _smoke(peer, lambda: fn(x))
+        return smoke(peer, lambda: fn(x))
     if peer == "vllm":
         try:
             from vllm.model_executor.layers.quantization.utils.fp8_utils import per_token_group_quant_fp8
         except Exception as e:
             raise Skip(f"vllm not importable ({type(e).__name__})") from None
-        return _smoke(peer, lambda: per_token_group_quant_fp8(
+        return smoke(peer, lambda: per_token_group_quant_fp8(
             x, GROUP, eps=EPS, column_major_scales=column_major, use_ue8m0=ue8m0))
     if peer == "sgl_kernel":
         try:
@@ -90,21 +75,21 @@ def _ptgq_peer(peer: str, x: torch.Tensor, ue8m0: bool, column_major: bool) -> C
             sgl_per_token_group_quant_fp8(x, x_q, scale, GROUP, EPS, -quant.E4M3_MAX, quant.E4M3_MAX, ue8m0)
             return x_q, scale
 
-        return _smoke(peer, run)
+        return smoke(peer, run)
     if peer == "deep_gemm":
         try:
             from deep_gemm.utils import per_token_cast_to_fp8
         except Exception as e:
             raise Skip(f"deep_gemm (source install) not importable ({type(e).__name__})") from None
-        return _smoke(peer, lambda: per_token_cast_to_fp8(x, use_ue8m0=ue8m0))
+        return smoke(peer, lambda: per_token_cast_to_fp8(x, use_ue8m0=ue8m0))
     raise Skip(f"unknown peer {peer!r}")
 
 
 def _pbq_peer(peer: str, w: torch.Tensor, ue8m0: bool) -> Callable:
     if peer == "torch.compile":
-        fn = _compiled(functools.partial(ref.per_block_quant_fp8_ref, block_size=GROUP, eps=EPS,
+        fn = compile_peer(functools.partial(ref.per_block_quant_fp8_ref, block_size=GROUP, eps=EPS,
                                          scale_ue8m0=ue8m0), w.device)
-        return _smoke(peer, lambda: fn(w))
+        return smoke(peer, lambda: fn(w))
     if peer == "deep_gemm":
         if w.device.type != "cuda" or w.dim() != 2:
             raise Skip("deep_gemm's per_block_cast_to_fp8 takes one 2-D weight on GPU")
@@ -112,7 +97,7 @@ def _pbq_peer(peer: str, w: torch.Tensor, ue8m0: bool) -> Callable:
             from deep_gemm.utils import per_block_cast_to_fp8
         except Exception as e:
             raise Skip(f"deep_gemm (source install) not importable ({type(e).__name__})") from None
-        return _smoke(peer, lambda: per_block_cast_to_fp8(w, use_ue8m0=ue8m0))
+        return smoke(peer, lambda: per_block_cast_to_fp8(w, use_ue8m0=ue8m0))
     raise Skip(f"unknown peer {peer!r}")
 
 
@@ -120,7 +105,7 @@ def _pbq_peer(peer: str, w: torch.Tensor, ue8m0: bool) -> Callable:
 # Cases
 # ---------------------------------------------------------------------------------------------
 
-def _ptgq_case(m: int, k: int, ue8m0: bool, column_major: bool) -> Case:
+def _ptgq_case(m: int, k: int, ue8m0: bool, column_major: bool, headline: bool = False) -> Case:
     def make(backend: str, device: torch.device, gen: torch.Generator):
         x = randn((m, k), ACT_DTYPE, device, gen)
         if backend in _PEERS_PTGQ:
@@ -134,15 +119,15 @@ def _ptgq_case(m: int, k: int, ue8m0: bool, column_major: bool) -> Case:
         shape=_fmt((m, k)),
         make=make,
         bytes_moved=m * k * (ACT_DTYPE.itemsize + 1) + 4 * m * (k // GROUP),
-        peers=_PEERS_PTGQ,
+        peers=_peers(_PEERS_PTGQ, headline),
         compare=bit_exact,
         params={"M": m, "K": k, "group_size": GROUP, "scale_ue8m0": ue8m0, "column_major_scales": column_major},
     )
 
 
-def _pbq_case(label: str, shape: tuple[int, ...], ue8m0: bool = False) -> Case:
+def _pbq_case(label: str, shape: tuple[int, ...], ue8m0: bool = False, headline: bool = False) -> Case:
     n, k = shape[-2:]
-    n_scales = _numel(shape[:-2]) * _cdiv(n, GROUP) * _cdiv(k, GROUP)
+    n_scales = prod(shape[:-2]) * _cdiv(n, GROUP) * _cdiv(k, GROUP)
 
     def make(backend: str, device: torch.device, gen: torch.Generator):
         w = randn(shape, ACT_DTYPE, device, gen, std=0.02)
@@ -155,8 +140,8 @@ def _pbq_case(label: str, shape: tuple[int, ...], ue8m0: bool = False) -> Case:
         name=f"per_block_quant_fp8 {label}{' ue8m0' if ue8m0 else ''}",
         shape=_fmt(shape),
         make=make,
-        bytes_moved=_numel(shape) * (ACT_DTYPE.itemsize + 1) + 4 * n_scales,
-        peers=_PEERS_PBQ,
+        bytes_moved=prod(shape) * (ACT_DTYPE.itemsize + 1) + 4 * n_scales,
+        peers=_peers(_PEERS_PBQ, headline),
         compare=bit_exact,
         params={"shape": list(shape), "block_size": GROUP, "scale_ue8m0": ue8m0},
     )
@@ -176,7 +161,7 @@ def _dequant_case(label: str, shape: tuple[int, ...], block: tuple[int, int]) ->
         name=f"dequant_fp8 {label} {bm}x{bn}",
         shape=_fmt(shape, quant.FP8_DTYPE),
         make=make,
-        bytes_moved=_numel(shape) * (1 + ACT_DTYPE.itemsize) + 4 * _numel(scale_shape),
+        bytes_moved=prod(shape) * (1 + ACT_DTYPE.itemsize) + 4 * prod(scale_shape),
         compare=bit_exact,
         params={"shape": list(shape), "block_m": bm, "block_n": bn},
     )
@@ -219,8 +204,8 @@ def tp8_shard_shapes(cfg: ModelConfig, tp: int = 8) -> list[tuple[str, tuple[int
 
 def _shard_case(cfg: ModelConfig) -> Case:
     shapes = tp8_shard_shapes(cfg)
-    elems = sum(_numel(s) * c for _, s, c in shapes)
-    scales = sum(_numel(s[:-2]) * _cdiv(s[-2], GROUP) * _cdiv(s[-1], GROUP) * c for _, s, c in shapes)
+    elems = sum(prod(s) * c for _, s, c in shapes)
+    scales = sum(prod(s[:-2]) * _cdiv(s[-2], GROUP) * _cdiv(s[-1], GROUP) * c for _, s, c in shapes)
 
     def make(backend: str, device: torch.device, gen: torch.Generator):
         # One bf16 tensor per distinct weight, reused by every layer: a real shard is
@@ -247,10 +232,11 @@ def cases(ctx: BenchContext) -> list[Case]:
     cfg = ctx.model
     h, i_dense, i_moe, e = cfg.hidden_size, cfg.intermediate_size, cfg.moe_intermediate_size, cfg.n_routed_experts
     prefill = ctx.tokens[0]
-    out = [_ptgq_case(m, h, False, False) for m in ctx.tokens]
-    out += [_ptgq_case(prefill, h, ue8m0, cm) for ue8m0, cm in ((False, True), (True, False), (True, True))]
+    out = [_ptgq_case(m, h, False, False, headline=m == prefill) for m in ctx.tokens]
+    out += [_ptgq_case(prefill, h, ue8m0, cm, headline=ue8m0 and cm)
+            for ue8m0, cm in ((False, True), (True, False), (True, True))]
     out += [
-        _pbq_case("moe gate_up", (e, 2 * i_moe, h)),
+        _pbq_case("moe gate_up", (e, 2 * i_moe, h), headline=True),
         _pbq_case("moe gate_up", (e, 2 * i_moe, h), ue8m0=True),
         _pbq_case("moe down", (e, h, i_moe)),
         _pbq_case("dense gate_up", (2 * i_dense, h)),

@@ -78,15 +78,16 @@ def _ns_loop(G, steps, coefficients, eps, norm_scale, kernels: _NSKernels) -> to
     rows, cols = G.shape[-2:]
     transposed = rows > cols
     m, n = (cols, rows) if transposed else (rows, cols)
-    g3 = G.reshape(-1, rows, cols)
-    x = torch.empty((g3.shape[0], m, n), dtype=torch.bfloat16, device=G.device)
+    nb = math.prod(G.shape[:-2])
+    g3 = G.reshape(nb, rows, cols)
+    x = torch.empty((nb, m, n), dtype=torch.bfloat16, device=G.device)
     x.copy_(g3.mT if transposed else g3)
     x.div_((torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) * norm_scale).clamp_(min=eps))
     x_next = torch.empty_like(x)
-    a_mat = torch.empty((x.shape[0], m, m), dtype=torch.bfloat16, device=G.device)
+    a_mat = torch.empty((nb, m, m), dtype=torch.bfloat16, device=G.device)
     b_mat = torch.empty_like(a_mat)
     out = torch.empty(G.shape, dtype=G.dtype, device=G.device)
-    out3 = out.view(-1, rows, cols)
+    out3 = out.view(nb, rows, cols)
     out_view = out3.mT if transposed else out3
     for step, (a, b, c) in enumerate(triples):
         kernels.gram(x, a_mat)

@@ -12,8 +12,9 @@ the leading (expert) dim through grid axis 1:
 
 bf16 operands, fp32 accumulation, one rounding to the output dtype after the epilogue (what
 cuBLAS's fused ``addmm`` does), so results differ from the reference only by accumulation order.
-Under the interpreter bf16 ``tl.dot`` is wrong (it multiplies raw bits), so operands are upcast
-to fp32 there (``UPCAST``): bf16 products are exact in fp32, so this is the GPU's arithmetic.
+Under the interpreter (``INTERPRETER``) bf16 ``tl.dot`` is wrong (it multiplies raw bits), so
+operands are upcast to fp32 there (bf16 products are exact in fp32: the GPU's arithmetic), and
+its fp32 -> bf16 cast truncates, so stores round to nearest even on the fp32 grid first.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import triton
 import triton.language as tl
 
 from triton_ops import interpreting
+from triton_ops._common import to_out_dtype
 
 # Hopper tiles: 128x128 outputs, 64-deep K steps, 8 warps (4 warps spill at 128x128, KNOWLEDGE §2).
 GPU_BLOCK, GPU_BLOCK_K, GPU_WARPS, GPU_STAGES = 128, 64, 8, 3
@@ -52,7 +54,7 @@ def _sym_gram_kernel(
     c_b_stride, c_r_stride, c_c_stride,
     o_b_stride, o_r_stride, o_c_stride,
     alpha, beta,
-    HAS_C: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_C: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     # out = alpha * X X^T (+ beta * C) for one upper tile (ti, tj), stored at both (ti, tj) and
     # (tj, ti). Diagonal tiles are stored once (their mirror is themselves).
@@ -69,7 +71,7 @@ def _sym_gram_kernel(
         kmask = ks < K - k0
         a = tl.load(a_ptrs, mask=(rows < M)[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=kmask[:, None] & (cols < M)[None, :], other=0.0)
-        if UPCAST:
+        if INTERPRETER:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc)
@@ -80,7 +82,7 @@ def _sym_gram_kernel(
     if HAS_C:
         c_offs = rows[:, None].to(tl.int64) * c_r_stride + cols[None, :] * c_c_stride
         acc += beta * tl.load(c_ptr + pid_b * c_b_stride + c_offs, mask=mask, other=0.0).to(tl.float32)
-    out = acc.to(o_ptr.dtype.element_ty)
+    out = to_out_dtype(acc, o_ptr.dtype.element_ty, INTERPRETER)
     o_base = o_ptr + pid_b * o_b_stride
     tl.store(o_base + rows[:, None].to(tl.int64) * o_r_stride + cols[None, :] * o_c_stride, out, mask=mask)
     mirror_mask = (cols < M)[:, None] & (rows < M)[None, :] & (ti != tj)
@@ -99,7 +101,7 @@ def _ns_update_kernel(
     o_b_stride, o_r_stride, o_c_stride,
     a_coef,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     # out[M, N] = a * X + B X with B [M, M]: a GEMM over K = M with the a*X epilogue.
     pid = tl.program_id(0)
@@ -122,7 +124,7 @@ def _ns_update_kernel(
         kmask = ks < M - k0
         bm = tl.load(bm_ptrs, mask=(rows < M)[:, None] & kmask[None, :], other=0.0)
         x = tl.load(x_ptrs, mask=kmask[:, None] & (cols < N)[None, :], other=0.0)
-        if UPCAST:
+        if INTERPRETER:
             bm = bm.to(tl.float32)
             x = x.to(tl.float32)
         acc = tl.dot(bm, x, acc)
@@ -132,7 +134,7 @@ def _ns_update_kernel(
     x_tile = tl.load(x_base + rows[:, None].to(tl.int64) * x_r_stride + cols[None, :] * x_c_stride, mask=mask, other=0.0)
     acc += a_coef * x_tile.to(tl.float32)
     o_offs = rows[:, None].to(tl.int64) * o_r_stride + cols[None, :] * o_c_stride
-    tl.store(o_ptr + pid_b * o_b_stride + o_offs, acc.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + pid_b * o_b_stride + o_offs, to_out_dtype(acc, o_ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
 
 def _block_k(k: int) -> int:
@@ -155,7 +157,7 @@ def sym_gram(
         x, cc, out, m, k,
         *x.stride(), *cc.stride(), *out.stride(),
         alpha, beta,
-        HAS_C=c is not None, BLOCK=block, BLOCK_K=_block_k(k), UPCAST=interpreting(),
+        HAS_C=c is not None, BLOCK=block, BLOCK_K=_block_k(k), INTERPRETER=interpreting(),
         num_warps=GPU_WARPS, num_stages=GPU_STAGES,
     )
 
@@ -172,6 +174,6 @@ def ns_update(bmat: torch.Tensor, x: torch.Tensor, out: torch.Tensor, a: float) 
         bmat, x, out, m, n,
         *bmat.stride(), *x.stride(), *out.stride(),
         a,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=_block_k(m), GROUP=GROUP_M, UPCAST=interpreting(),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=_block_k(m), GROUP=GROUP_M, INTERPRETER=interpreting(),
         num_warps=GPU_WARPS, num_stages=GPU_STAGES,
     )

@@ -1,0 +1,459 @@
+"""Muon: Newton-Schulz against torch.optim.Muon's routine and a float64 iteration, Triton kernels
+under the interpreter, the optimizer against torch.optim.Muon, expert stacks, state_dict,
+distributed (gloo, 2 and 4 processes, FSDP2), opcheck, torch.compile and bad input."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns
+
+from conftest import cpu_backends, device_backends
+from glm45_ops import muon
+from glm45_ops.reference.muon import PRESETS, newton_schulz_ref, ns_schedule
+
+KJ = PRESETS["kellerjordan"].coefficients[0]
+BACKENDS = device_backends()
+# Small shapes: the Triton interpreter costs ~0.1 s per launch here, 15 launches per NS.
+SHAPES = [(64, 64), (40, 96), (96, 40), (100, 300), (3, 40, 56)]
+
+# Backends vs the reference: both compute in bf16 with fp32 accumulation and round each product
+# once; only the accumulation order differs, which flips single bf16 roundings (one ulp, 2^-8
+# relative) that five steps carry along. Entries of a near-orthogonal [m, n] matrix are about
+# 1/sqrt(n) <= 0.16 here, where a bf16 ulp is <= 2^-10: 1e-2 is ~10 ulps, and the Frobenius-relative
+# difference must stay far below the 1.5% that bf16 itself costs against float64.
+ATOL_VS_REF = 1e-2
+REL_VS_REF = 5e-3
+# "At least as accurate as torch's routine": the same arithmetic up to rounding noise, which
+# moves the Frobenius-relative error against float64 (~1.5%) by well under 1% of itself.
+ACCURACY_SLACK = 1.01
+
+
+def rel_err(x: torch.Tensor, want: torch.Tensor) -> float:
+    return ((x.double().cpu() - want.double().cpu()).norm() / want.double().cpu().norm()).item()
+
+
+def torch_routine(G: torch.Tensor) -> torch.Tensor:
+    """torch.optim.Muon's own bf16 NS (KellerJordan, 5 steps), one matrix at a time."""
+    out = [torch_ns(g, KJ, 5, 1e-7).float() for g in G.reshape(-1, *G.shape[-2:])]
+    return torch.stack(out).reshape(G.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(64, 64), (40, 96), (96, 40), (100, 300), (300, 100), (1, 7)])
+@pytest.mark.parametrize("coefficients", [None, (3.0, -3.2, 1.2)])
+def test_reference_is_torch_muon_routine(gen, shape, coefficients):
+    """For 2-D G and one triple, the reference is torch.optim.Muon's routine bit for bit."""
+    G = torch.randn(shape, generator=gen)
+    want = torch_ns(G, coefficients or KJ, 5, 1e-7)
+    got = muon.newton_schulz(G, 5, coefficients, backend="torch")
+    assert got.dtype == G.dtype and got.shape == G.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want.float(), rtol=0, atol=0)
+
+
+def test_reference_batched_is_a_loop_over_matrices(gen):
+    G = torch.randn(2, 3, 30, 20, generator=gen)
+    loop = torch.stack([newton_schulz_ref(g) for g in G.reshape(-1, 30, 20)]).reshape(G.shape)
+    torch.testing.assert_close(newton_schulz_ref(G), loop, rtol=0, atol=0)
+
+
+def test_reference_converges_to_the_polar_factor(gen):
+    """In float64 with enough steps the iteration drives singular values into KellerJordan's band
+    (~[0.7, 1.2]) and Polar Express's tighter one, with U V^T's singular vectors."""
+    G = torch.randn(24, 40, generator=gen, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(G, full_matrices=False)
+    for name, lo, hi in (("kellerjordan", 0.6, 1.25), ("polar_express", 0.85, 1.15)):
+        X = newton_schulz_ref(G.float(), 8, name, compute_dtype=torch.float64).double()
+        sv = torch.linalg.svdvals(X)
+        assert lo < sv.min() and sv.max() < hi, (name, sv)
+        # X = U f(S) V^T: projecting onto G's singular vectors leaves a diagonal
+        d = u.T @ X @ vh.T
+        assert (d - torch.diag(torch.diagonal(d))).abs().max() < 1e-6
+
+
+def test_schedules_and_presets():
+    assert ns_schedule(None, 3) == ([KJ] * 3, 1.0)
+    pe = PRESETS["polar_express"]
+    assert ns_schedule("polar_express", 5) == (list(pe.coefficients), 1.02)
+    assert ns_schedule("polar_express", 7)[0][5:] == [pe.coefficients[-1]] * 2  # last one repeats
+    assert ns_schedule("polar_express", 2)[0] == list(pe.coefficients[:2])
+    assert ns_schedule([(1, 2, 3), (4, 5, 6)], 3)[0] == [(1.0, 2.0, 3.0), (4.0, 5.0, 6.0), (4.0, 5.0, 6.0)]
+    assert ns_schedule([1, 2, 3, 4, 5, 6], 2)[0] == [(1.0, 2.0, 3.0), (4.0, 5.0, 6.0)]
+    for bad in ("newton", [1.0, 2.0], [(1, 2), (3, 4)], [], [(1, 2, 3), 4]):
+        with pytest.raises(ValueError, match="coefficients"):
+            ns_schedule(bad, 5)
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        ns_schedule(None, 0)
+
+
+def test_polar_express_scales_the_norm_by_1_02(gen):
+    G = torch.randn(20, 30, generator=gen)
+    ones = [(1.0, 0.0, 0.0)]  # X -> X: the output is the normalised input
+    X = muon.newton_schulz(G, 1, ones, norm_scale=1.02)
+    assert abs(X.double().norm().item() - 1 / 1.02) < 4e-3
+    explicit = muon.newton_schulz(G, 5, list(PRESETS["polar_express"].coefficients), norm_scale=1.02)
+    torch.testing.assert_close(muon.newton_schulz(G, 5, "polar_express"), explicit, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: accuracy against float64, agreement with the reference
+# ---------------------------------------------------------------------------------------------
+
+def _backend_ns(device, backend):
+    """NS through one backend; "cublas" runs the cuda backend's cuBLAS-through-torch path on the
+    CPU (the same library calls, so its buffer handling is tested without a GPU)."""
+    if backend == "cublas":
+        return lambda G, *a: muon._ns_cublas(G, *a)
+    return lambda G, *a: muon._ns_op(G, *a, backend=backend)
+
+
+NS_BACKENDS = BACKENDS + [("cpu", "cublas")]
+
+
+@pytest.mark.parametrize("device,backend", NS_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_at_least_as_accurate_as_torch_muon(gen, device, backend, shape):
+    G = torch.randn(shape, generator=gen)
+    flat = [v for t in [KJ] * 5 for v in t]
+    exact = newton_schulz_ref(G, compute_dtype=torch.float64)
+    got = _backend_ns(device, backend)(G.to(device), 5, flat, 1e-7, 1.0)
+    assert got.shape == G.shape and got.dtype == G.dtype and got.is_contiguous()
+    assert rel_err(got, exact) <= ACCURACY_SLACK * rel_err(torch_routine(G), exact)
+    ref = newton_schulz_ref(G)
+    torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=ATOL_VS_REF)
+    assert rel_err(got, ref) < REL_VS_REF
+
+
+@pytest.mark.parametrize("device,backend", NS_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dtypes_layouts_and_polar_express(gen, device, backend, dtype):
+    """Non-contiguous, 4-D, every input dtype, Polar Express (a schedule torch's routine cannot
+    run: its accuracy yardstick is the reference, which is torch's arithmetic)."""
+    G = torch.randn(1, 2, 36, 20, generator=gen).to(dtype).transpose(-1, -2)  # wide view of tall data
+    triples, scale = ns_schedule("polar_express", 5)
+    flat = [v for t in triples for v in t]
+    got = _backend_ns(device, backend)(G.to(device), 5, flat, 1e-7, scale)
+    ref = newton_schulz_ref(G, 5, "polar_express")
+    assert got.dtype == dtype and got.shape == G.shape and got.is_contiguous()
+    exact = newton_schulz_ref(G, 5, "polar_express", compute_dtype=torch.float64)
+    assert rel_err(got, exact) <= ACCURACY_SLACK * rel_err(ref, exact)
+    torch.testing.assert_close(got.cpu().float(), ref.float(), rtol=0, atol=ATOL_VS_REF)
+
+
+@pytest.mark.parametrize("device,backend", NS_BACKENDS)
+def test_zero_and_empty_inputs(device, backend):
+    ns = _backend_ns(device, backend)
+    z = ns(torch.zeros(3, 8, 12, device=device), 5, None, 1e-7, 1.0)
+    assert torch.equal(z.cpu(), torch.zeros(3, 8, 12))  # eps keeps 0 / ||0|| finite
+    for shape in ((0, 8, 12), (0, 5), (4, 0)):
+        assert ns(torch.zeros(shape, device=device), 5, None, 1e-7, 1.0).shape == shape
+
+
+def _poison(shape):
+    return torch.full(shape, float("nan"), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("m,k", [(70, 45), (32, 200), (5, 9)])
+def test_triton_sym_gram_kernel(gen, m, k):
+    """Upper tiles computed, lower ones mirrored: every element written (NaN poison), the result
+    exactly symmetric, equal to a fp32-accumulated product rounded once (to 1 ulp: order)."""
+    if "triton" not in cpu_backends():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from triton_ops import muon as tm
+
+    x = torch.randn(2, m, k, generator=gen).bfloat16()
+    c = x[:, :, :m] + x[:, :, :m].mT if k >= m else None
+    for alpha, beta in ((1.0, 0.0), (2.0315, -4.775)):
+        out = _poison((2, m, m))
+        tm.sym_gram(x, out, alpha, c if beta else None, beta)
+        want = alpha * (x.float() @ x.float().mT) + (beta * c.float() if beta else 0.0)
+        assert torch.equal(out, out.mT)
+        torch.testing.assert_close(out.float(), want.bfloat16().float(), rtol=2**-7, atol=1e-5)
+        if c is None:
+            break
+
+
+@pytest.mark.parametrize("m,n", [(70, 45), (33, 150)])
+def test_triton_ns_update_kernel(gen, m, n):
+    if "triton" not in cpu_backends():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from triton_ops import muon as tm
+
+    x = torch.randn(2, m, n, generator=gen).bfloat16()
+    b = torch.randn(2, m, m, generator=gen).bfloat16()
+    out = _poison((2, m, n))
+    tm.ns_update(b, x, out, 3.4445)
+    want = (3.4445 * x.float() + b.float() @ x.float()).bfloat16().float()
+    torch.testing.assert_close(out.float(), want, rtol=2**-7, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+# ---------------------------------------------------------------------------------------------
+
+SHAPES_2D = [(24, 40), (40, 24), (32, 32)]
+
+
+def _params_and_grads(gen, shapes, steps):
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(steps)]
+    return params, grads
+
+
+def _run(opt_cls, params0, grads, **kwargs):
+    params = [torch.nn.Parameter(p.clone()) for p in params0]
+    opt = opt_cls(params, **kwargs)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in params], opt
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw", "spectral_unclamped"])
+def test_optimizer_matches_torch_muon(gen, nesterov, weight_decay, adjust_lr_fn):
+    params0, grads = _params_and_grads(gen, SHAPES_2D, 3)
+    kwargs = dict(lr=0.02, weight_decay=weight_decay, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    try:
+        want, _ = _run(torch.optim.Muon, params0, grads, **kwargs)
+    except ValueError:
+        pytest.skip(f"this torch's Muon lacks adjust_lr_fn={adjust_lr_fn!r}")
+    got, _ = _run(muon.Muon, params0, grads, **kwargs, backend="torch")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_optimizer_triton_backend_close_to_torch(gen):
+    if "triton" not in cpu_backends():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    params0, grads = _params_and_grads(gen, [(24, 40)], 2)
+    want, _ = _run(torch.optim.Muon, params0, grads, lr=0.02)
+    got, _ = _run(muon.Muon, params0, grads, lr=0.02, backend="triton")
+    # per step: lr * adjust * (NS difference <= ATOL_VS_REF)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=2 * 0.02 * ATOL_VS_REF)
+
+
+@pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw"])
+def test_expert_stack_equals_per_expert_loop(gen, adjust_lr_fn):
+    """[E, out, in] in one batched call == E separate 2-D params, lr scaled from (out, in)."""
+    E, shape = 4, (40, 24)
+    params0, grads = _params_and_grads(gen, [(E, *shape)], 3)
+    got, _ = _run(muon.Muon, params0, grads, lr=0.02, adjust_lr_fn=adjust_lr_fn)
+    split_params = list(params0[0].unbind(0))
+    split_grads = [list(gs[0].unbind(0)) for gs in grads]
+    want, _ = _run(muon.Muon, split_params, split_grads, lr=0.02, adjust_lr_fn=adjust_lr_fn)
+    torch.testing.assert_close(got[0], torch.stack(want), rtol=0, atol=0)
+    # and the 2-D ones are torch.optim.Muon's
+    torch_want, _ = _run(torch.optim.Muon, split_params, split_grads, lr=0.02, adjust_lr_fn=adjust_lr_fn)
+    torch.testing.assert_close(torch.stack(want), torch.stack(torch_want), rtol=0, atol=0)
+
+
+def test_state_dict_round_trip(gen):
+    params0, grads = _params_and_grads(gen, [(24, 40), (3, 16, 8)], 4)
+    kwargs = dict(lr=0.02, ns_coefficients="polar_express", adjust_lr_fn="match_rms_adamw")
+    straight, _ = _run(muon.Muon, params0, grads, **kwargs)
+
+    half, opt = _run(muon.Muon, params0, grads[:2], **kwargs)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    params = [torch.nn.Parameter(p.clone()) for p in half]
+    opt2 = muon.Muon(params, **kwargs)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf))
+    assert opt2.param_groups[0]["ns_coefficients"] == "polar_express"
+    for gs in grads[2:]:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt2.step()
+    for p, w in zip(params, straight):
+        torch.testing.assert_close(p.detach(), w, rtol=0, atol=0)
+
+
+def test_params_without_grad_and_closure(gen):
+    a, b = torch.nn.Parameter(torch.randn(8, 8, generator=gen)), torch.nn.Parameter(torch.randn(8, 4, generator=gen))
+    b0 = b.detach().clone()
+    opt = muon.Muon([a, b], lr=0.1)
+    a.grad = torch.randn(8, 8, generator=gen)
+    assert opt.step(lambda: 3.0) == 3.0
+    assert torch.equal(b.detach(), b0) and "momentum_buffer" not in opt.state[b]
+
+
+def test_optimizer_bad_input():
+    with pytest.raises(ValueError, match="give it to AdamW"):
+        muon.Muon([torch.nn.Parameter(torch.randn(5))])
+    with pytest.raises(ValueError, match="give it to AdamW"):
+        muon.Muon([torch.nn.Parameter(torch.randn(2, 2, 2, 2))])
+    with pytest.raises(ValueError, match="complex"):
+        muon.Muon([torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))])
+    with pytest.raises(ValueError, match="adjust_lr_fn must be one of"):
+        muon.Muon([torch.nn.Parameter(torch.randn(4, 4))], adjust_lr_fn="rms")
+    with pytest.raises(ValueError, match="coefficients"):
+        muon.Muon([torch.nn.Parameter(torch.randn(4, 4))], ns_coefficients=(1.0, 2.0))
+    for kw in (dict(lr=-1.0), dict(momentum=-0.1), dict(weight_decay=-1.0)):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            muon.Muon([torch.nn.Parameter(torch.randn(4, 4))], **kw)
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = muon.Muon([p])
+    p.grad = torch.randn(4, 4).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed: work division over gloo equals the single-process optimizer
+# ---------------------------------------------------------------------------------------------
+
+def test_plan_is_balanced_and_covers_everything():
+    shapes = [torch.Size(s) for s in [(12288, 5120), (5120, 12288), (160, 1536, 5120), (160, 1536, 5120),
+                                       (160, 5120, 1536), (1024, 5120), (5, 7, 3)]]
+    for world in (1, 2, 3, 4, 7, 8):
+        plan = muon._plan(shapes, world)
+        seen = sorted((i, e) for units in plan for i, e0, e1 in units for e in range(e0, e1))
+        assert seen == [(i, e) for i, s in enumerate(shapes) for e in range(s[0] if len(s) == 3 else 1)]
+        load = [sum((e1 - e0) * muon._ns_flops(shapes[i]) for i, e0, e1 in units) for units in plan]
+        biggest = max(muon._ns_flops(s) for s in shapes)
+        assert max(load) - sum(load) / world <= biggest
+        for units in plan:  # one range per stack per rank
+            assert len({i for i, _, _ in units}) == len(units)
+
+
+DIST_TIMEOUT_S = 90
+
+
+def _dist_worker(rank, world, init_file, params0, grads, kwargs, want, fsdp):
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        # replicated parameters (DDP-style): the default group divides the NS work, then an
+        # explicit process_group of half the ranks does (every half on its own)
+        done = torch.zeros((), dtype=torch.int64)  # matrices this rank orthogonalised
+        ns = muon.newton_schulz
+        muon.newton_schulz = lambda G, *a, **k: done.add_(G[..., 0, 0].numel()) and ns(G, *a, **k)
+        got, _ = _run(muon.Muon, params0, grads, **kwargs)
+        muon.newton_schulz = ns
+        total = done.clone()
+        dist.all_reduce(total)
+        n_matrices = len(grads) * sum(p[..., 0, 0].numel() for p in params0)
+        assert total.item() == n_matrices and done.item() < n_matrices  # divided, not repeated
+        halves = [dist.new_group(list(range(h, h + world // 2))) for h in (0, world // 2)]
+        got_half, _ = _run(muon.Muon, params0, grads, **kwargs, process_group=halves[2 * rank // world])
+        for g, gh, w in zip(got, got_half, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+            torch.testing.assert_close(gh, w, rtol=0, atol=0)
+        if not fsdp:
+            return
+        # FSDP2: DTensor parameters sharded on dim 0 (unevenly: 5 experts), gathered and re-sharded
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        module = torch.nn.ParameterList([torch.nn.Parameter(p.clone()) for p in params0])
+        fully_shard(module, mesh=mesh)
+        opt = muon.Muon(list(module.parameters()), **kwargs)
+        for gs in grads:
+            for p, g in zip(module.parameters(), gs):
+                p.grad = distribute_tensor(g.clone(), mesh, p.placements)
+            opt.step()
+        for p, w in zip(module.parameters(), want):
+            assert p.placements == p.grad.placements
+            torch.testing.assert_close(p.full_tensor().detach(), w, rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()
+
+
+# FSDP2 in one world size only: importing it costs each process ~2 s of CPU
+@pytest.mark.parametrize("world,fsdp", [(2, True), (4, False)])
+def test_distributed_equals_single_process(gen, tmp_path, world, fsdp):
+    params0, grads = _params_and_grads(gen, [(24, 40), (5, 16, 24), (40, 24), (8, 8)], 2)
+    kwargs = dict(lr=0.02, adjust_lr_fn="match_rms_adamw")
+    want, _ = _run(muon.Muon, params0, grads, **kwargs)
+    ctx = mp.start_processes(
+        _dist_worker, args=(world, str(tmp_path / "init"), params0, grads, kwargs, want, fsdp),
+        nprocs=world, join=False, start_method="spawn",
+    )
+    deadline = time.monotonic() + DIST_TIMEOUT_S
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"distributed Muon with {world} processes did not finish in {DIST_TIMEOUT_S} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops: opcheck, torch.compile, dispatch, bad input
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(gen, backend):
+    import glm45_ops
+
+    if backend not in cpu_backends():
+        pytest.skip("triton needs TRITON_INTERPRET=1 on CPU")
+    G = torch.randn(2, 40, 24, generator=gen, dtype=torch.bfloat16)
+    with glm45_ops.use_backend(backend):
+        torch.library.opcheck(torch.ops.glm45.newton_schulz.default, (G, 2, [3.0, -3.2, 1.2], 1e-7, 1.0))
+        torch.library.opcheck(torch.ops.glm45.newton_schulz.default, (G[0].float(), 1))
+
+
+def test_torch_compile_fullgraph(gen):
+    """newton_schulz traces through its fake into a full graph (with the optimizer's arithmetic
+    around it), and compiled == eager."""
+    torch._dynamo.reset()
+
+    def f(p, g):
+        return p * 0.99 - 0.02 * muon.newton_schulz(g, 5, "polar_express")
+
+    p, g = torch.randn(24, 40, generator=gen), torch.randn(24, 40, generator=gen)
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(p, g), f(p, g), rtol=0, atol=0)
+
+
+def test_cuda_backend_is_the_cublas_path():
+    from glm45_ops import _registry
+
+    op = _registry.registered_ops()["newton_schulz"]
+    assert op.impls["cuda"] is muon._ns_cublas
+    cpu = torch.device("cpu")
+    assert op.resolve("auto", cpu) == "torch" and "cuda" not in op.backends(cpu)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable on cpu: it needs CUDA tensors$"):
+        muon.newton_schulz(torch.randn(4, 4), backend="cuda")
+    if torch.cuda.is_available():
+        assert op.resolve("auto", torch.device("cuda")) == "cuda"
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_bad_input(device, backend):
+    def ns(G, *a, **k):
+        return muon.newton_schulz(G, *a, backend=backend, **k)
+
+    with pytest.raises(ValueError, match=r"G must be a matrix or a batch of matrices"):
+        ns(torch.randn(5, device=device))
+    with pytest.raises(ValueError, match="G must be real"):
+        ns(torch.randn(4, 4, dtype=torch.complex64, device=device))
+    with pytest.raises(ValueError, match="G must be bfloat16, float16 or float32"):
+        ns(torch.ones(4, 4, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        ns(torch.randn(4, 4, device=device), 0)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        ns(torch.randn(4, 4, device=device), 5, None, 0.0)
+    with pytest.raises(ValueError, match="norm_scale must be > 0"):
+        ns(torch.randn(4, 4, device=device), norm_scale=-1.0)
+    with pytest.raises(ValueError, match="coefficients"):
+        ns(torch.randn(4, 4, device=device), 5, "fast")
+    with pytest.raises(ValueError, match="coefficients"):
+        torch.ops.glm45.newton_schulz(torch.randn(4, 4, device=device), 5, [1.0, 2.0])

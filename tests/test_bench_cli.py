@@ -77,14 +77,17 @@ def test_refcheck_triton_interpreter_and_skips(tmp_path, capsys, one_thread):
 
 def test_broken_family_does_not_break_the_cli(tmp_path, monkeypatch, capsys, one_thread):
     (tmp_path / "brokenfam.py").write_text("raise RuntimeError('boom')\n")
+    (tmp_path / "needsdepfam.py").write_text("import not_an_installed_dependency\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    families = {"quant": cases_mod.FAMILIES["quant"], "broken": "brokenfam", "absent": "glm45_ops.bench.cases._absent"}
+    families = {"quant": cases_mod.FAMILIES["quant"], "broken": "brokenfam", "needsdep": "needsdepfam",
+                "absent": "glm45_ops.bench.cases._absent"}
     monkeypatch.setattr(cases_mod, "FAMILIES", families)
     monkeypatch.setattr(cli, "FAMILIES", families)
     rc = cli.main(["all", "--backends", "torch", "--cases", "=per_token_group_quant_fp8 M=1", "--iters", "1"])
     text = capsys.readouterr().out
     assert rc == 1  # a broken case module is reported...
     assert "[broken] case module failed: RuntimeError: boom" in text
+    assert "[needsdep] case module failed: ModuleNotFoundError" in text  # a missing dependency is not "no module"
     assert "[absent] no case module yet" in text
     assert "per_token_group_quant_fp8 M=1" in text  # ...and the other families still ran
 

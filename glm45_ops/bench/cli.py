@@ -99,6 +99,12 @@ def _record(argv: list[str], ctx: BenchContext, ceilings: dict) -> dict[str, Any
     }
 
 
+def _case_repros(cases: list[Case], rows: list, repro) -> list[str]:
+    """One repro command per case, naming the backends that ran (not the skipped ones)."""
+    ran = {c.name: [r.backend for r in rows if r.case == c.name and r.status != "skip"] for c in cases}
+    return [f"repro [{c.name}]: {repro(c, ran[c.name])}" for c in cases if ran[c.name]]
+
+
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     from glm45_ops.bench.peers import find_peers
     from glm45_ops.bench.runner import run_case
@@ -132,28 +138,20 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     for fam in families:
         try:
             cases = [c for c in load(fam).cases(ctx) if _selected(c, patterns)]
-        except ModuleNotFoundError as e:
-            if e.name != FAMILIES[fam]:
-                raise
-            print(f"\n[{fam}] no case module yet ({FAMILIES[fam]})")
+        except Exception as e:  # a missing or broken family must not take the others down
+            missing = isinstance(e, ModuleNotFoundError) and e.name == FAMILIES[fam]
+            print(f"\n[{fam}] " + ("no case module yet" if missing else f"case module failed: {type(e).__name__}: {e}"))
+            broken |= not missing
             continue
-        except Exception as e:  # a broken family must not take the others down
-            print(f"\n[{fam}] case module failed: {type(e).__name__}: {e}")
-            broken = True
-            continue
-        fam_results, repros = [], []
+        rows = []
         for case in cases:
             offered.update(case.all_backends)
-            rows = [run_case(case, b, device, refcheck=args.refcheck, iters=args.iters, ceilings=ceilings, repro=repro)
-                    for b in case.all_backends if not wanted or b in wanted]
-            ran = [r.backend for r in rows if r.status != "skip"]
-            if ran:
-                repros.append(f"repro [{case.name}]: {repro(case, ran)}")
-            fam_results += rows
+            rows += [run_case(case, b, device, refcheck=args.refcheck, iters=args.iters, ceilings=ceilings, repro=repro)
+                     for b in case.all_backends if not wanted or b in wanted]
         print(f"\n[{fam}]" + (" CPU timings" if not on_gpu else ""))
-        print(report.table(fam_results))
-        print("\n".join(repros + report.verdicts(fam_results)))
-        results += fam_results
+        print(report.table(rows))
+        print("\n".join(_case_repros(cases, rows, repro) + report.verdicts(rows)))
+        results += rows
     if set(wanted) - offered:
         print(f"backends not offered by any case: {', '.join(sorted(set(wanted) - offered))}")
 

@@ -15,7 +15,9 @@ and nothing else is required. ``ctx`` says which model preset, device and token 
   backend). :func:`op_runner` does this for ``glm45_ops`` ops.
 * ``backends`` are our own (``torch``, ``triton``, ``cuda``); ``peers`` are other libraries'
   functions for the same computation (``torch.compile``, ``vllm``, ``sgl_kernel``,
-  ``flashinfer``, ``deep_gemm``), run through the same ``make`` and reported as extra backends.
+  ``flashinfer``, ``deep_gemm``), run through the same ``make`` (called with the peer's name as
+  ``backend``; it raises :class:`Skip` when the library is absent) and reported as extra
+  backends. Peers are not held to our numerics: a refcheck mismatch is reported as "differs".
 * ``bytes_moved`` (HBM bytes read + written once, the minimum any implementation must move) and
   ``flops`` give GB/s and TFLOP/s; ``roofline`` names the ceiling the result is compared with:
   ``"memory"`` (copy bandwidth), ``"compute:bf16"`` or ``"compute:fp8"`` (matmul throughput).
@@ -23,6 +25,24 @@ and nothing else is required. ``ctx`` says which model preset, device and token 
   the same inputs (``make`` is called twice with generators seeded alike) and returns ``None``
   when they agree, else a short reason. :func:`bit_exact` is the rule for the quantizers;
   families with rounding differences write a tolerance-based one.
+
+Helpers: :func:`op_runner` / :func:`require` (our backends, with the registry's reason when one
+is unavailable), :func:`smoke` and :func:`compile_peer` (peers), :func:`randn`, :func:`bit_exact`.
+A minimal family module (``glm45_ops/bench/cases/quant.py`` is the full example)::
+
+    from glm45_ops import myfam
+    from glm45_ops.bench.case import BenchContext, Case, bit_exact, op_runner, randn
+
+    def _case(m: int, h: int) -> Case:
+        def make(backend, device, gen):
+            x = randn((m, h), torch.bfloat16, device, gen)
+            return op_runner(myfam.my_op, backend, device, x)
+
+        return Case(family="myfam", name=f"my_op M={m}", shape=f"[{m}, {h}] bf16", make=make,
+                    bytes_moved=2 * m * h * 2, compare=bit_exact)
+
+    def cases(ctx: BenchContext) -> list[Case]:
+        return [_case(m, ctx.model.hidden_size) for m in ctx.tokens]
 
 Keep case modules declarative: a list of cases built from the preset, the timing and the
 printing belong to the CLI.

@@ -58,7 +58,7 @@ step pytest_gpu 120 "$PY" -m pytest -q -m gpu tests --junitxml="$OUT/pytest_gpu.
 step ceilings 60 $BENCH ceilings --json "$OUT/ceilings.json"
 CEIL=()
 [[ -s "$OUT/ceilings.json" ]] && CEIL=(--ceilings "$OUT/ceilings.json")
-step bench 240 $BENCH all --refcheck "${CEIL[@]}" --json "$OUT/results.json" --csv "$OUT/results.csv" \
+step bench 240 $BENCH all --refcheck ${CEIL[@]+"${CEIL[@]}"} --json "$OUT/results.json" --csv "$OUT/results.csv" \
   --plot "$OUT/roofline.png"
 step compile_report 90 $BENCH compile-report --json "$OUT/compile_report.json"
 

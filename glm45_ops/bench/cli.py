@@ -133,6 +133,14 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
                "--backends", ",".join(backends)] + (["--refcheck"] if args.refcheck else [])
         return env + shlex.join(cmd)
 
+    record = _record(argv, ctx, ceilings)
+
+    def save(rows: list) -> None:  # after every case too, so a run cut short by a timeout keeps its rows
+        if args.json:
+            report.write_json(args.json, record, rows)
+        if args.csv:
+            report.write_csv(args.csv, record, rows)
+
     families = list(FAMILIES) if args.command == "all" else [args.command]
     results, broken, offered = [], False, set()
     for fam in families:
@@ -146,8 +154,12 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         rows = []
         for case in cases:
             offered.update(case.all_backends)
-            rows += [run_case(case, b, device, refcheck=args.refcheck, iters=args.iters, ceilings=ceilings, repro=repro)
-                     for b in case.all_backends if not wanted or b in wanted]
+            for b in case.all_backends:
+                if not wanted or b in wanted:
+                    rows.append(run_case(case, b, device, refcheck=args.refcheck, iters=args.iters,
+                                         ceilings=ceilings, repro=repro))
+                    print(f"  {fam} | {case.name} | {b}: {report.brief(rows[-1])}", file=sys.stderr, flush=True)
+            save(results + rows)
         print(f"\n[{fam}]" + (" CPU timings" if not on_gpu else ""))
         print(report.table(rows))
         print("\n".join(_case_repros(cases, rows, repro) + report.verdicts(rows)))
@@ -155,11 +167,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     if set(wanted) - offered:
         print(f"backends not offered by any case: {', '.join(sorted(set(wanted) - offered))}")
 
-    record = _record(argv, ctx, ceilings)
-    if args.json:
-        report.write_json(args.json, record, results)
-    if args.csv:
-        report.write_csv(args.csv, record, results)
+    save(results)
     if args.plot:
         title = f"glm45-bench {' '.join(argv)} on {record['gpu']}" + (" (CPU timings)" if not on_gpu else "")
         try:

@@ -28,6 +28,13 @@ def _cells(r: Result) -> tuple[str, ...]:
     return (r.case, r.shape, r.backend, timing, _rate(r.gbps), _rate(r.tflops), pct, r.refcheck)
 
 
+def brief(r: Result) -> str:
+    """One result in a few words (the CLI's progress lines)."""
+    if r.status != "ok":
+        return f"{r.status}: {r.reason}"
+    return f"{r.median_us:,.1f} us, {_rate(r.gbps)} GB/s, refcheck {r.refcheck}"
+
+
 def table(results: Iterable[Result]) -> str:
     """The results as an aligned text table; skips are summarised below it, one line per reason."""
     results = list(results)

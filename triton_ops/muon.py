@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_ops import interpreting
+from triton_ops import CompileSpec, interpreting
 from triton_ops._common import to_out_dtype
 
 # Hopper tiles: 128x128 outputs, 64-deep K steps, 8 warps (4 warps spill at 128x128, KNOWLEDGE §2).
@@ -177,3 +177,50 @@ def ns_update(bmat: torch.Tensor, x: torch.Tensor, out: torch.Tensor, a: float) 
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=_block_k(m), GROUP=GROUP_M, INTERPRETER=interpreting(),
         num_warps=GPU_WARPS, num_stages=GPU_STAGES,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Default GPU configurations, for `glm45-bench compile-report` (format: triton_ops/__init__.py)
+# ---------------------------------------------------------------------------------------------
+# The NS buffers are contiguous [B, m, n] bf16 with m, n multiples of 16 at GLM-4.5's shapes
+# (1536, 5120, 12288) and 8192: unit column strides are JIT constants, the rest are aligned.
+# The last step of a tall bf16 G writes the transposed output (unit row stride instead).
+
+def _gram_spec(has_c: bool) -> CompileSpec:
+    return CompileSpec(
+        label="b*A + c*A@A" if has_c else "X@X^T",
+        kernel=_sym_gram_kernel,
+        signature={"x_ptr": "*bf16", "c_ptr": "*bf16", "o_ptr": "*bf16", "M": "i32", "K": "i32",
+                   "x_b_stride": "i32", "x_r_stride": "i32", "x_k_stride": "constexpr",
+                   "c_b_stride": "i32", "c_r_stride": "i32", "c_c_stride": "constexpr",
+                   "o_b_stride": "i32", "o_r_stride": "i32", "o_c_stride": "constexpr",
+                   "alpha": "fp32", "beta": "fp32",
+                   "HAS_C": "constexpr", "BLOCK": "constexpr", "BLOCK_K": "constexpr", "INTERPRETER": "constexpr"},
+        constexprs={"x_k_stride": 1, "c_c_stride": 1, "o_c_stride": 1, "HAS_C": has_c, "BLOCK": GPU_BLOCK,
+                    "BLOCK_K": GPU_BLOCK_K, "INTERPRETER": False},
+        options={"num_warps": GPU_WARPS, "num_stages": GPU_STAGES},
+        aligned=("M", "K", "x_b_stride", "x_r_stride", "c_b_stride", "c_r_stride", "o_b_stride", "o_r_stride"),
+    )
+
+
+def _update_spec(transposed_out: bool) -> CompileSpec:
+    unit, strided = ("o_r_stride", "o_c_stride") if transposed_out else ("o_c_stride", "o_r_stride")
+    sig = {"bm_ptr": "*bf16", "x_ptr": "*bf16", "o_ptr": "*bf16", "M": "i32", "N": "i32",
+           "bm_b_stride": "i32", "bm_r_stride": "i32", "bm_c_stride": "constexpr",
+           "x_b_stride": "i32", "x_r_stride": "i32", "x_c_stride": "constexpr",
+           "o_b_stride": "i32", "o_r_stride": "i32", "o_c_stride": "i32", "a_coef": "fp32",
+           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP": "constexpr",
+           "INTERPRETER": "constexpr"}
+    sig[unit] = "constexpr"
+    return CompileSpec(
+        label="a*X + B@X" + (" transposed out" if transposed_out else ""),
+        kernel=_ns_update_kernel,
+        signature=sig,
+        constexprs={"bm_c_stride": 1, "x_c_stride": 1, unit: 1, "BLOCK_M": GPU_BLOCK, "BLOCK_N": GPU_BLOCK,
+                    "BLOCK_K": GPU_BLOCK_K, "GROUP": GROUP_M, "INTERPRETER": False},
+        options={"num_warps": GPU_WARPS, "num_stages": GPU_STAGES},
+        aligned=("M", "N", "bm_b_stride", "bm_r_stride", "x_b_stride", "x_r_stride", "o_b_stride", strided),
+    )
+
+
+COMPILE_SPECS = [_gram_spec(False), _gram_spec(True), _update_spec(False), _update_spec(True)]

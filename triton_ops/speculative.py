@@ -18,7 +18,7 @@ import triton.language as tl
 
 from triton_ops import interpreting
 
-_INT32_MIN = -2147483648
+_INT32_MIN = tl.constexpr(-2147483648)
 
 
 @triton.jit
@@ -103,16 +103,26 @@ def _accepts(draft_row, d_ss, dp_row, dp_ss, tp_row, t_ss, u_row, u_ss, i, S, V,
 
 
 @triton.jit
-def _residual_block(q_row, p_row, idx, mask, has_p, x_k, use_q, HAS_DRAFT: tl.constexpr):
-    """Fixed-point weights of the residual (or of q when ``use_q``) and of q, at ``idx``."""
+def _draw_weights(q_row, p_row, idx, mask, has_p, x_k, use_q, HAS_DRAFT: tl.constexpr):
+    """Fixed-point weights at ``idx`` of the residual (relu(q - p), or q without the one-hot
+    draft's token ``x_k``), or of q itself when ``use_q``."""
     q = tl.load(q_row + idx, mask=mask, other=0.0).to(tl.float32)
     if HAS_DRAFT:
-        p = tl.load(p_row + idx, mask=mask & has_p, other=0.0).to(tl.float32)
+        p = tl.load(p_row + idx, mask=mask & has_p & (use_q == 0), other=0.0).to(tl.float32)
         r = q - p
     else:
-        r = tl.where(idx == x_k, 0.0, q)
-    w_q = _fixed_point(q)
-    return tl.where(use_q, w_q, _fixed_point(r)), w_q
+        r = tl.where((idx == x_k) & (use_q == 0), 0.0, q)
+    return _fixed_point(r)
+
+
+@triton.jit
+def _row_mass(q_row, p_row, V, has_p, x_k, use_q, HAS_DRAFT: tl.constexpr, BLOCK_V: tl.constexpr):
+    offs = tl.arange(0, BLOCK_V)
+    acc = tl.zeros([BLOCK_V], tl.int64)
+    for start in range(0, V, BLOCK_V):
+        idx = start + offs
+        acc += _draw_weights(q_row, p_row, idx, idx < V, has_p, x_k, use_q, HAS_DRAFT)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -135,32 +145,27 @@ def _verify_sampling_kernel(
         k += 1
         accepted = _accepts(draft_row, d_ss, dp_row, dp_ss, tp_row, t_ss, u_row, u_ss, k, S, V, HAS_DRAFT)
 
-    # 2. total fixed-point mass of the residual at k, and of q_k (the fallback)
+    # 2. the total fixed-point mass of the residual at k; of q_k when the residual has none
     has_p = k < S
     x_k = tl.load(draft_row + k * d_ss, mask=has_p, other=-1).to(tl.int64)
     q_row = tp_row + k.to(tl.int64) * t_ss
     p_row = dp_row + k.to(tl.int64) * dp_ss
-    offs = tl.arange(0, BLOCK_V)
-    acc_r = tl.zeros([BLOCK_V], tl.int64)
-    acc_q = tl.zeros([BLOCK_V], tl.int64)
-    for start in range(0, V, BLOCK_V):
-        idx = start + offs
-        w_r, w_q = _residual_block(q_row, p_row, idx, idx < V, has_p, x_k, False, HAS_DRAFT)
-        acc_r += w_r
-        acc_q += w_q
-    total_r = tl.sum(acc_r, axis=0)
-    use_q = total_r == 0
-    total = tl.where(use_q, tl.sum(acc_q, axis=0), total_r)
+    use_q = tl.zeros([], tl.int32)
+    total = _row_mass(q_row, p_row, V, has_p, x_k, use_q, HAS_DRAFT, BLOCK_V)
+    if total == 0:
+        use_q += 1
+        total = _row_mass(q_row, p_row, V, has_p, x_k, use_q, HAS_DRAFT, BLOCK_V)
     thr = (tl.load(u_row + S * u_ss).to(tl.float64) * total.to(tl.float64)).to(tl.int64)
 
     # 3. inverse CDF: the smallest j with C_j > thr, stopping at the block that holds it
+    offs = tl.arange(0, BLOCK_V)
     tok = V
     carry = tl.zeros([], tl.int64)
     start = 0
     while (start < V) & (tok == V):
         idx = start + offs
         mask = idx < V
-        w, _ = _residual_block(q_row, p_row, idx, mask, has_p, x_k, use_q, HAS_DRAFT)
+        w = _draw_weights(q_row, p_row, idx, mask, has_p, x_k, use_q, HAS_DRAFT)
         cdf = tl.cumsum(w, axis=0) + carry
         tok = tl.min(tl.where(mask & (cdf > thr), idx, V), axis=0)
         carry += tl.sum(w, axis=0)

@@ -19,10 +19,10 @@
 //   weak spot at small M is too few CTAs, not the math).
 // Tile shapes are a first guess, pending tuning on an H200.
 //
-// Layouts: CUTLASS reads a_scale M-major through TMA (16-byte aligned M stride), which is what
-// per_token_group_quant_fp8(column_major_scales=True) writes: no copy. A row-major or unaligned
-// a_scale is first copied into that layout (one small transpose: M * K/128 * 4 bytes each way,
-// 1.5 MB at M = 4096, K = 12288). b_scale is read K-major as given (cp.async, any row stride).
+// Layouts: CUTLASS reads a_scale M-major through TMA (16-byte aligned M stride, room for
+// round_up(M, 4) rows), which is what per_token_group_quant_fp8(column_major_scales=True) writes:
+// no copy. A row-major or unaligned a_scale is first copied into that layout (one small
+// transpose: M * K/128 * 4 bytes each way, 1.5 MB at M = 4096, K = 12288). b_scale is read K-major as given (cp.async, any row stride).
 // The TMA store needs 16-byte aligned output rows: N % 8 (bf16) or N % 4 (fp32); other N (never
 // in GLM-4.5) go through a padded temporary and one extra copy of the output.
 #include <ATen/ATen.h>
@@ -139,6 +139,7 @@ int sm_count(int device) {
 
 // Operands as CUTLASS sees them (after the optional swap): A' [Mp, K] with scales sfa, B' [Np, K]
 // with scales sfb, D [Mp, Np] (row-major, or column-major when swapped) with leading dim ld_d.
+// The tokens' scales are given round_up(M, 4) rows (see mn_major_padded).
 struct Problem {
   int m, n, k;
   const void* a;
@@ -180,9 +181,9 @@ void run(const Problem& p, int device, cudaStream_t stream) {
   LayoutSFB layout_sfb;
   if constexpr (kSwap) {  // A' = weights (128 x 128, K-major), B' = activations (1 x 128, M-major)
     layout_sfa = k_major_scales<LayoutSFA, int(kBlock)>(p.m, k_blocks, p.ld_sfa);
-    layout_sfb = mn_major_scales<LayoutSFB, 1>(p.n, k_blocks, p.ld_sfb);
+    layout_sfb = mn_major_scales<LayoutSFB, 1>(int(round_up(p.n, kScaleAlign)), k_blocks, p.ld_sfb);
   } else {
-    layout_sfa = mn_major_scales<LayoutSFA, 1>(p.m, k_blocks, p.ld_sfa);
+    layout_sfa = mn_major_scales<LayoutSFA, 1>(int(round_up(p.m, kScaleAlign)), k_blocks, p.ld_sfa);
     layout_sfb = k_major_scales<LayoutSFB, int(kBlock)>(p.n, k_blocks, p.ld_sfb);
   }
 
@@ -278,16 +279,22 @@ void check_gemm(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor
   TORCH_CHECK_VALUE(a.is_cuda(), "a must be a CUDA tensor for the cuda backend, got device ", a.device());
 }
 
-// a_scale as the kernels read it: M-major, M stride a multiple of 4, 16-byte aligned base. The
-// quantizer's column_major_scales output already is; anything else costs one small copy.
-at::Tensor mn_major_aligned(const at::Tensor& s) {
-  const int64_t m = s.size(0), g = s.size(1);
-  const bool ok = (m <= 1 || s.stride(0) == 1) && (g == 1 || s.stride(1) % kScaleAlign == 0) && aligned16(s) &&
-                  scale_is_mn_major(s);
-  if (ok) return s;
-  at::Tensor t = at::empty({g, round_up(std::max<int64_t>(m, 1), kScaleAlign)}, s.options()).t().narrow(0, 0, m);
+// a_scale as the kernels read it through TMA: M-major, 16-byte aligned base, M stride `ld` a
+// multiple of 4, and memory behind it for round_up(M, 4) rows in every K block: CUTLASS's
+// can_implement wants the TMA'd scale extent to be a whole number of 16-byte vectors, so the
+// kernel is given round_up(M, 4) scale rows (the extra ones only ever scale rows of A that TMA
+// zero-filled and the epilogue never stores). The quantizer's column_major_scales output
+// qualifies as is; anything else costs one small copy into such a buffer.
+std::pair<at::Tensor, int64_t> mn_major_padded(const at::Tensor& s) {
+  const int64_t m = s.size(0), g = s.size(1), m4 = round_up(std::max<int64_t>(m, 1), kScaleAlign);
+  const int64_t ld = g == 1 ? m4 : s.stride(1);
+  const int64_t storage_elems = static_cast<int64_t>(s.storage().nbytes() / sizeof(float));
+  const bool ok = (m <= 1 || s.stride(0) == 1) && ld % kScaleAlign == 0 && ld >= m4 && aligned16(s) &&
+                  s.storage_offset() + (g - 1) * ld + m4 <= storage_elems;
+  if (ok) return {s, ld};
+  at::Tensor t = at::empty({g, m4}, s.options()).t().narrow(0, 0, m);
   t.copy_(s);
-  return t;
+  return {t, m4};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -314,8 +321,8 @@ at::Tensor fp8_block_gemm(const at::Tensor& a, const at::Tensor& a_scale, const 
   // TMA needs 16-byte aligned bases; views at odd offsets (rare) are copied
   const at::Tensor a_ = aligned16(a) ? a : a.clone();
   const at::Tensor b_ = aligned16(b) ? b : b.clone();
-  const at::Tensor sa = mn_major_aligned(a_scale);
-  const int ld_sa = int(a_scale.size(1) == 1 ? round_up(m, kScaleAlign) : sa.stride(1));
+  const auto [sa, ld_sa64] = mn_major_padded(a_scale);
+  const int ld_sa = int(ld_sa64);
   const int ld_sb = int(b_scale.size(0) == 1 ? b_scale.size(1) : b_scale.stride(0));
 
   // the TMA store writes 16-byte aligned rows: pad N when it does not allow that

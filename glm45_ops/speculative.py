@@ -35,13 +35,14 @@ __all__ = ["verify_greedy", "verify_sampling", "probs_from_logits", "MAX_VOCAB"]
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ID_DTYPES = (torch.int32, torch.int64)
+_DTYPE_NAMES = {_FLOAT_DTYPES: "bfloat16, float16 or float32", _ID_DTYPES: "int32 or int64", (torch.float32,): "float32"}
 
 
 def _check_tensor(name: str, t, dtypes: tuple[torch.dtype, ...], ndim: int, dims: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+        raise ValueError(f"{name} must be {_DTYPE_NAMES[dtypes]}, got {t.dtype}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {dims}, got shape {tuple(t.shape)}")
 

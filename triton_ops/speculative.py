@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_ops import interpreting
+from triton_ops import CompileSpec, interpreting
 
 _INT32_MIN = tl.constexpr(-2147483648)
 
@@ -221,3 +221,43 @@ def verify_sampling(
         HAS_DRAFT=has_draft, BLOCK_V=_block_v(v, target_probs.element_size()),
         BLOCK_S=triton.next_power_of_2(s + 1), num_warps=8,
     )
+
+
+# GPU configurations at GLM-4.5's vocabulary (V = 151552: rows 16-byte aligned, strides % 16 == 0)
+_TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_V = 151552
+
+
+def _greedy_spec(dtype: torch.dtype) -> CompileSpec:
+    return CompileSpec(
+        label=f"{_TL[dtype]} logits",
+        kernel=_verify_greedy_kernel,
+        signature={"draft_ptr": "*i64", "logits_ptr": f"*{_TL[dtype]}", "out_ptr": "*i32", "nacc_ptr": "*i32",
+                   "S": "i32", "V": "i32", "d_sb": "i32", "d_ss": "constexpr", "l_sb": "i32", "l_ss": "i32",
+                   "o_sb": "i32", "o_ss": "constexpr", "BLOCK_V": "constexpr", "BLOCK_S": "constexpr"},
+        constexprs={"d_ss": 1, "o_ss": 1, "BLOCK_V": _block_v(_V, dtype.itemsize), "BLOCK_S": 4},
+        options={"num_warps": 8},
+        aligned=("V", "l_sb", "l_ss"),
+    )
+
+
+def _sampling_spec(dtype: torch.dtype, has_draft: bool) -> CompileSpec:
+    return CompileSpec(
+        label=f"{_TL[dtype]} probs, {'draft probs' if has_draft else 'one-hot draft'}",
+        kernel=_verify_sampling_kernel,
+        signature={"dp_ptr": f"*{_TL[dtype]}", "draft_ptr": "*i64", "tp_ptr": f"*{_TL[dtype]}", "u_ptr": "*fp32",
+                   "out_ptr": "*i32", "nacc_ptr": "*i32", "S": "i32", "V": "i32",
+                   "dp_sb": "i32", "dp_ss": "i32", "d_sb": "i32", "d_ss": "constexpr", "t_sb": "i32", "t_ss": "i32",
+                   "u_sb": "i32", "u_ss": "constexpr", "o_sb": "i32", "o_ss": "constexpr",
+                   "HAS_DRAFT": "constexpr", "BLOCK_V": "constexpr", "BLOCK_S": "constexpr"},
+        constexprs={"d_ss": 1, "u_ss": 1, "o_ss": 1, "HAS_DRAFT": has_draft,
+                    "BLOCK_V": _block_v(_V, dtype.itemsize), "BLOCK_S": 4},
+        options={"num_warps": 8},
+        aligned=("V", "dp_sb", "dp_ss", "t_sb", "t_ss"),
+    )
+
+
+COMPILE_SPECS = [
+    *(_greedy_spec(dt) for dt in _TL),
+    *(_sampling_spec(dt, hd) for dt in (torch.float32, torch.bfloat16) for hd in (True, False)),
+]

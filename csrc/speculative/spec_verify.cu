@@ -481,11 +481,12 @@ void check_ids(const at::Tensor& draft_ids) {
   check_tensor("draft_ids", draft_ids, 2, "[B, S]");
 }
 
-void check_float_rows(const char* name, const at::Tensor& t, int64_t B, int64_t rows, int64_t V, const char* what) {
+void check_float_rows(const char* name, const char* dims, const at::Tensor& t, int64_t B, int64_t rows, int64_t V,
+                      const char* what) {
   const auto dt = t.scalar_type();
   TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, name,
                     " must be bfloat16, float16 or float32, got ", dt);
-  check_tensor(name, t, 3, "[B, rows, V]");
+  check_tensor(name, t, 3, dims);
   const int64_t v = V < 0 ? t.size(2) : V;
   TORCH_CHECK_VALUE(v >= 1 && v <= kMaxVocab, name, ": the vocabulary V=", v, " must be in [1, ", kMaxVocab,
                     "] (int64 fixed-point CDF)");
@@ -511,7 +512,7 @@ void dispatch_ids(const at::Tensor& ids, F&& f) {
 std::tuple<at::Tensor, at::Tensor> verify_greedy(const at::Tensor& draft_ids, const at::Tensor& target_logits) {
   check_ids(draft_ids);
   const int64_t B = draft_ids.size(0), S = draft_ids.size(1);
-  check_float_rows("target_logits", target_logits, B, S + 1, -1, "B and S+1 from draft_ids [B, S]");
+  check_float_rows("target_logits", "[B, S+1, V]", target_logits, B, S + 1, -1, "B and S+1 from draft_ids [B, S]");
   check_same_device("target_logits", target_logits, draft_ids);
   const c10::cuda::CUDAGuard guard(draft_ids.device());
   at::Tensor out = at::empty({B, S + 1}, draft_ids.options().dtype(at::kInt));
@@ -548,11 +549,11 @@ std::tuple<at::Tensor, at::Tensor> verify_sampling(const std::optional<at::Tenso
                                                    const at::Tensor& uniform) {
   check_ids(draft_ids);
   const int64_t B = draft_ids.size(0), S = draft_ids.size(1);
-  check_float_rows("target_probs", target_probs, B, S + 1, -1, "B and S+1 from draft_ids [B, S]");
+  check_float_rows("target_probs", "[B, S+1, V]", target_probs, B, S + 1, -1, "B and S+1 from draft_ids [B, S]");
   const int64_t V = target_probs.size(2);
   const bool has_draft = draft_probs.has_value();
   if (has_draft) {
-    check_float_rows("draft_probs", *draft_probs, B, S, V, "B, S from draft_ids and V from target_probs");
+    check_float_rows("draft_probs", "[B, S, V]", *draft_probs, B, S, V, "B, S from draft_ids and V from target_probs");
     TORCH_CHECK_VALUE(draft_probs->scalar_type() == target_probs.scalar_type(), "draft_probs (",
                       draft_probs->scalar_type(), ") and target_probs (", target_probs.scalar_type(),
                       ") must share a dtype");

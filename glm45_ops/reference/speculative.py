@@ -140,7 +140,7 @@ def verify_sampling_ref(
 
     # 3. the inverse-CDF draw with the last uniform
     token = inverse_cdf_draw(w, u[:, s])
-    drafts = torch.cat([ids, torch.zeros_like(ids[:, :1])], dim=1)
+    drafts = torch.cat([ids, ids.new_zeros(b, 1)], dim=1)
     out = torch.where(torch.arange(s + 1, device=k.device) == k[:, None], token[:, None], drafts)
     return _pad_after(out, k), k.to(torch.int32)
 
@@ -172,21 +172,20 @@ def probs_from_logits_ref(
         return a.to(device=x.device, dtype=dtype).expand(x.shape[:-1])[..., None] if isinstance(a, torch.Tensor) else a
 
     t = per_row(temperature, torch.float32)
+    rank = torch.arange(v, device=x.device)
     if isinstance(t, torch.Tensor):
         probs = torch.softmax(x / torch.where(t > 0, t, 1.0), dim=-1)
-        one_hot = torch.nn.functional.one_hot(_row_argmax(x), v).to(torch.float32)
-        probs = torch.where(t > 0, probs, one_hot)
+        probs = torch.where(t > 0, probs, (rank == _row_argmax(x)[..., None]).float())
     elif t > 0:
         probs = torch.softmax(x / t, dim=-1)
     else:
-        probs = torch.nn.functional.one_hot(_row_argmax(x), v).to(torch.float32)
+        probs = (rank == _row_argmax(x)[..., None]).float()
     if not isinstance(top_k, torch.Tensor) and not isinstance(top_p, torch.Tensor) and top_k <= 0 and top_p >= 1:
         return probs
 
     kk = per_row(top_k, torch.int64)
     pp = per_row(top_p, torch.float32)
     sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-    rank = torch.arange(v, device=x.device)
     keep_k = (rank < kk) | (kk <= 0)
     p_k = sorted_p * keep_k
     p_k = p_k / p_k.sum(dim=-1, keepdim=True)

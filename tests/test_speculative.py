@@ -1,0 +1,486 @@
+"""MTP speculative verification: greedy and sampling ops on every backend exactly equal to the
+reference; the reference checked against naive per-row oracles; the sampler's output distribution
+and acceptance rates checked statistically; opcheck, torch.compile, CUDA graphs and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import cpu_backends, device_backends
+from glm45_ops import speculative as spec
+from glm45_ops.reference import speculative as ref
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+BACKENDS = device_backends()
+GPU_BACKENDS = [p for p in BACKENDS if p[0] == "cuda" and p[1] != "torch"]
+
+
+def assert_same(got, want, what: str = "") -> None:
+    """Exact equality of (out_ids, num_accepted), with the first differing request on failure."""
+    for name, g, w in zip(("out_ids", "num_accepted"), got, want):
+        g, w = g.cpu(), w.cpu()
+        assert g.dtype == torch.int32 and g.shape == w.shape, f"{what} {name}: {g.dtype} {tuple(g.shape)}"
+        if not torch.equal(g, w):
+            bad = (g != w).reshape(g.shape[0], -1).any(-1).nonzero()[0, 0].item()
+            pytest.fail(f"{what} {name} differs at request {bad}: got {g[bad].tolist()}, want {w[bad].tolist()}")
+
+
+def random_probs(shape, gen, scale: float = 3.0, zero_frac: float = 0.0) -> torch.Tensor:
+    """Peaky random distributions (softmax of scaled normals); ``zero_frac`` of ids get mass 0."""
+    logits = torch.randn(shape, generator=gen) * scale
+    if zero_frac:
+        logits[torch.rand(shape, generator=gen) < zero_frac] = -float("inf")
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(probs: torch.Tensor, gen) -> torch.Tensor:
+    """One id per row of ``probs`` [..., V] (int64 [...])."""
+    flat = probs.reshape(-1, probs.shape[-1]).float()
+    return torch.multinomial(flat, 1, generator=gen).reshape(probs.shape[:-1])
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Outputs allocated for the kernels start as garbage (12345), so a kernel that skips the -1
+    padding or a request cannot pass by luck of the allocator."""
+    orig = spec._alloc_out
+    monkeypatch.setattr(spec, "_alloc_out", lambda ids: tuple(t.fill_(12345) for t in orig(ids)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy
+# ---------------------------------------------------------------------------------------------
+
+def greedy_oracle(draft_ids: torch.Tensor, logits: torch.Tensor):
+    """Per-row loop over Python floats: the definition spelled out once more."""
+    b, s = draft_ids.shape
+    out = torch.full((b, s + 1), -1, dtype=torch.int32)
+    acc = torch.zeros(b, dtype=torch.int32)
+    for r in range(b):
+        for i in range(s + 1):
+            row = logits[r, i].float().tolist()
+            # NaN above everything, then the value (-0.0 == 0.0 in Python), then the lowest id
+            best = max(range(len(row)), key=lambda j: (math.isnan(row[j]), 0.0 if math.isnan(row[j]) else row[j], -j))
+            out[r, i] = best
+            if i == s or int(draft_ids[r, i]) != best:
+                break
+            acc[r] += 1
+    return out, acc
+
+
+def greedy_inputs(b: int, s: int, v: int, dtype, gen, device="cpu"):
+    """Logits with planted ties, and drafts agreeing with the target argmax for a random prefix
+    (none, some, all) per request."""
+    logits = torch.randn(b, s + 1, v, generator=gen).to(dtype)
+    # ties: the max value planted at two ids, the higher one first in the row's random order
+    top = logits.float().amax(-1) + 1.0
+    for r in range(0, b, 2):
+        j1, j2 = sorted(torch.randperm(v, generator=gen)[:2].tolist())
+        logits[r, :, j1] = top[r].to(dtype)
+        logits[r, :, j2] = top[r].to(dtype)
+    target = ref._row_argmax(logits)
+    prefix = torch.randint(0, s + 1, (b,), generator=gen)
+    draft = target[:, :s].clone()
+    for r in range(b):
+        if prefix[r] < s:
+            draft[r, prefix[r]] = (draft[r, prefix[r]] + 1 + torch.randint(0, v - 1, (1,), generator=gen)) % v
+    return draft.to(device), logits.to(device)
+
+
+@pytest.mark.parametrize("s", [1, 3, 5])
+def test_greedy_reference_vs_oracle(gen, s):
+    draft, logits = greedy_inputs(9, s, 37, torch.float32, gen)
+    logits[1, 0, 5] = float("nan")  # NaN counts as the largest value (torch.argmax's rule)
+    logits[3, 0, :] = -float("inf")  # all equal: id 0
+    assert_same(ref.verify_greedy_ref(draft, logits), greedy_oracle(draft, logits))
+    # the tie rule is torch.argmax's (documented: the first maximal index)
+    torch.testing.assert_close(ref._row_argmax(logits), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("s", [1, 3, 5])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_verify_greedy(gen, poisoned, device, backend, s, dtype):
+    draft, logits = greedy_inputs(7, s, 1001, dtype, gen, device)
+    want = ref.verify_greedy_ref(draft.cpu(), logits.cpu())
+    assert want[1].unique().numel() > 1, "inputs should exercise several accept counts"
+    assert_same(spec.verify_greedy(draft, logits, backend=backend), want, f"{backend} {dtype}")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_verify_greedy_special_values_and_layouts(gen, poisoned, device, backend):
+    """NaN, all -inf rows, -0 == +0 ties, int32 ids, strided (non-contiguous) logits."""
+    b, s, v = 6, 3, 999
+    big = torch.randn(b, s + 2, v + 8, generator=gen)
+    logits = big[:, 1:, 3 : 3 + v]  # strides (.., .., 1) with a row pitch of v + 8
+    logits[0, 0, 17] = float("nan")
+    logits[0, 0, 900] = float("nan")
+    logits[1, :, :] = -float("inf")
+    logits[2, 0, :] = -1.0
+    logits[2, 0, 40] = -0.0
+    logits[2, 0, 30] = 0.0  # the max 0 appears as +0 at 30 and -0 at 40: id 30
+    logits[3, 1, :] = float("inf")
+    draft = ref._row_argmax(logits)[:, :s].to(torch.int32)
+    draft[4, 1] += 1
+    draft[0, 0] = 900  # the second NaN is not the first: rejected
+    want = greedy_oracle(draft, logits)
+    assert_same(ref.verify_greedy_ref(draft, logits), want, "reference")
+    got = spec.verify_greedy(draft.to(device), logits.to(device), backend=backend)
+    assert_same(got, want, backend)
+    if device == "cpu" and "triton" in cpu_backends():
+        got = spec.verify_greedy(draft, logits.contiguous(), backend="triton")
+        assert_same(got, want, "triton contiguous")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: exact agreement for given uniforms
+# ---------------------------------------------------------------------------------------------
+
+def sampling_inputs(b: int, s: int, v: int, gen, with_draft: bool, dtype=torch.float32):
+    """Draft and target distributions, drafts sampled from the draft, and uniforms including the
+    extremes 0 and the largest fp32 below 1. In about half the requests the target puts half its
+    mass on the drafted tokens, so accept counts spread over 0..S."""
+    q = random_probs((b, s + 1, v), gen, zero_frac=0.3)
+    p = random_probs((b, s, v), gen, zero_frac=0.3)
+    draft = sample(p, gen)
+    agree = (torch.rand(b, generator=gen) < 0.5)[:, None, None]
+    planted = torch.zeros(b, s, v).scatter(-1, draft[..., None], 1.0)
+    q[:, :s] = torch.where(agree, 0.5 * q[:, :s] + 0.5 * planted, q[:, :s])
+    u = torch.rand(b, s + 1, generator=gen)
+    u[0, s] = 0.0
+    u[1, s] = 1.0 - 2.0**-24
+    return (p.to(dtype) if with_draft else None), draft, q.to(dtype), u
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("with_draft", [True, False])
+@pytest.mark.parametrize("s,v,dtype", [(1, 1031, torch.float32), (3, 3001, torch.float32), (3, 999, torch.bfloat16)])
+def test_verify_sampling_exact(gen, poisoned, device, backend, with_draft, s, v, dtype):
+    p, draft, q, u = sampling_inputs(16, s, v, gen, with_draft, dtype)
+    want = ref.verify_sampling_ref(p, draft, q, u)
+    assert want[1].unique().numel() > 1, "inputs should exercise several accept counts"
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    got = spec.verify_sampling(to(p), to(draft), to(q), to(u), backend=backend)
+    assert_same(got, want, f"{backend} draft={with_draft}")
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_verify_sampling_degenerate_rows(gen, poisoned, device, backend):
+    """The residual has no mass (draft token of probability 0 under both models, or p == q),
+    an all-zero target row, a one-hot target, S = 0, strided rows, int32 ids."""
+    b, s, v = 6, 2, 515
+    q = random_probs((b, s + 1, v), gen)
+    p = q[:, :s].clone()  # p == q: the residual is all zero wherever a rejection happens
+    draft = sample(p, gen)
+    q[0, 0, 7] = p[0, 0, 7] = 0.0
+    draft[0, 0] = 7  # probability 0 under both: rejected, the residual is 0 -> draw from q
+    q[1, 0] = 0.0
+    p[1, 0] = 0.0
+    draft[1, 0] = 3  # rejected, the target row has no mass at all -> V - 1
+    q[2, :, :] = 0.0
+    q[2, :, 11] = 1.0
+    draft[2] = 11  # one-hot target: always accepted, bonus 11
+    u = torch.rand(b, s + 1, generator=gen)
+    pad = torch.zeros(b, s, v + 4)
+    pad[..., 2 : 2 + v] = p
+    p_strided = pad[..., 2 : 2 + v]
+    want = ref.verify_sampling_ref(p, draft, q, u)
+    assert want[0][0, 0] != 7 and want[0][1, 0] == v - 1 and want[0][2].tolist() == [11, 11, 11]
+    ids32 = draft.to(torch.int32)
+    got = spec.verify_sampling(p_strided.to(device), ids32.to(device), q.to(device), u.to(device), backend=backend)
+    assert_same(got, want, backend)
+    # S = 0: only the bonus draw
+    got0 = spec.verify_sampling(None, draft[:, :0].to(device), q[:, :1].to(device), u[:, :1].to(device), backend=backend)
+    assert_same(got0, ref.verify_sampling_ref(None, draft[:, :0], q[:, :1], u[:, :1]), backend + " S=0")
+
+
+def test_inverse_cdf_draw_ends():
+    """u = 0 draws the first id with mass, u -> 1 the last one; never a zero-probability id."""
+    w = ref.to_fixed_point(torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]] * 3))
+    u = torch.tensor([0.0, 0.25, 1.0 - 2.0**-24])
+    assert ref.inverse_cdf_draw(w, u).tolist() == [1, 3, 3]
+    # fixed point: exact multiples of 2**-40, values below 2**-40 vanish, > 1 saturates, NaN is 0
+    d = torch.tensor([1.0, 0.5, 2.0**-41, 3.0, float("nan"), -0.5])
+    assert ref.to_fixed_point(d).tolist() == [2**40, 2**39, 0, 2**40, 0, 0]
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_out_of_range_ids_are_rejected(gen, device, backend):
+    """The kernels define an id outside [0, V) as a token of probability 0: rejected, never read.
+    (The op's check raises for CPU tensors, so the launchers are called directly here.)"""
+    b, s, v = 4, 3, 300
+    for with_draft in (True, False):
+        p, draft, q, u = sampling_inputs(b, s, v, gen, with_draft)
+        q[:, :s] = q[:, :s] + 1.0  # would accept anything that is read
+        draft[0, 0], draft[1, 1], draft[2, 2], draft[3, 0] = -1, v, 2**40, -(2**40)
+        want = ref.verify_sampling_ref(p, draft, q, u)
+        assert want[1].tolist() == [0, 1, 2, 0]
+        if backend == "torch":
+            got = want if device == "cpu" else spec._sampling_op.impls["torch"](p, draft, q, u)
+        elif backend == "triton":
+            from triton_ops import speculative as ts
+
+            to = lambda t: None if t is None else t.to(device)  # noqa: E731
+            got = spec._alloc_out(draft.to(device))
+            ts.verify_sampling(to(p), draft.to(device), q.to(device), u.to(device), *got)
+        else:
+            got = torch.ops.glm45.verify_sampling(
+                *(None if t is None else t.to(device) for t in (p, draft, q, u)))
+        assert_same(got, want, f"{backend} draft={with_draft}")
+    draft, logits = greedy_inputs(b, s, v, torch.float32, gen)
+    draft[0, 0], draft[1, 1] = -5, v + 5
+    want = ref.verify_greedy_ref(draft, logits)
+    assert want[1][0] == 0 and want[1][1] <= 1
+    if backend == "triton":
+        from triton_ops import speculative as ts
+
+        got = spec._alloc_out(draft.to(device))
+        ts.verify_greedy(draft.to(device), logits.to(device), *got)
+        assert_same(got, want, "triton greedy")
+    elif backend == "cuda":
+        assert_same(torch.ops.glm45.verify_greedy(draft.to(device), logits.to(device)), want, "cuda greedy")
+
+
+def test_generator_draws_the_uniforms(gen):
+    p, draft, q, _ = sampling_inputs(8, 3, 200, gen, True)
+    got = spec.verify_sampling(p, draft, q, generator=torch.Generator().manual_seed(7))
+    u = torch.rand(8, 4, generator=torch.Generator().manual_seed(7))
+    assert_same(got, ref.verify_sampling_ref(p, draft, q, u))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: the emitted tokens follow the target (torch backend: many rows)
+# ---------------------------------------------------------------------------------------------
+
+# A correct sampler exceeds these thresholds with probability ~1e-7 per test (z = 5.2 for the
+# binomial acceptance tests; the same tail for chi-square with 10 degrees of freedom, V = 12 ids
+# of which one has probability 0: scipy.stats.chi2.isf(scipy.stats.norm.sf(5.2), 10) = 52.32).
+# The seed is fixed, so the outcome is deterministic anyway. The distributions below are far
+# enough apart that the usual bugs (residual not renormalised, the acceptance uniform reused for
+# the draw, the bonus drawn from row k) push the statistics orders of magnitude past them.
+Z = 5.2
+CHI2_DF10 = 52.32
+N_ROWS = 200_000
+
+
+@pytest.mark.parametrize("with_draft", [True, False])
+def test_emitted_tokens_follow_target(with_draft):
+    g = torch.Generator().manual_seed(2024)
+    s, v = 3, 12
+    q = random_probs((s + 1, v), g, scale=1.0)
+    q[:, 5] = 0.0  # an id the target never emits
+    q = q / q.sum(-1, keepdim=True)
+    p = random_probs((s, v), g, scale=1.5)
+    draft = sample(p.expand(N_ROWS, s, v), g)
+    qb = q.expand(N_ROWS, s + 1, v)
+    pb = p.expand(N_ROWS, s, v) if with_draft else None
+    out, acc = spec.verify_sampling(pb, draft, qb, generator=g, backend="torch")
+
+    for i in range(s + 1):
+        reached = acc >= i  # position i is emitted by these requests
+        tokens = out[reached, i].long()
+        assert (tokens >= 0).all()
+        counts = torch.bincount(tokens, minlength=v).double()
+        assert counts[5] == 0, "a zero-probability id was emitted"
+        n = counts.sum()
+        support = q[i] > 0
+        expected = n * q[i].double()
+        chi2 = (((counts - expected) ** 2)[support] / expected[support]).sum().item()
+        assert int(support.sum()) - 1 == 10
+        assert chi2 < CHI2_DF10, f"position {i}: chi2 {chi2:.1f} over {n:.0f} rows"
+
+        if i < s:  # acceptance at i, among requests that reach it
+            if with_draft:
+                rate = torch.minimum(p[i], q[i]).sum().item()  # sum_x min(p, q)
+            else:
+                rate = (p[i] * q[i]).sum().item()  # one-hot draft x ~ p: E[q(x)]
+            hits = (acc[reached] > i).double()
+            sd = math.sqrt(rate * (1 - rate) / hits.numel())
+            assert abs(hits.mean().item() - rate) < Z * sd, f"position {i}: acceptance {hits.mean():.4f} vs {rate:.4f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# probs_from_logits
+# ---------------------------------------------------------------------------------------------
+
+def test_probs_from_logits(gen):
+    x = torch.randn(4, 3, 50, generator=gen)
+    x[..., 7] = x[..., 9] = x.amax(-1) + 1  # a tie at the top: ids 7 and 9
+    torch.testing.assert_close(spec.probs_from_logits(x, 0.7), torch.softmax(x / 0.7, -1))
+    greedy = spec.probs_from_logits(x, 0.0)
+    assert torch.equal(greedy.argmax(-1), torch.full((4, 3), 7)) and torch.equal(greedy.sum(-1), torch.ones(4, 3))
+
+    # top-k = 1 keeps the lower id of the tie; top-k = 5 keeps the 5 largest; renormalised
+    top1 = spec.probs_from_logits(x, 1.0, top_k=1)
+    assert torch.equal(top1, greedy)
+    p5 = spec.probs_from_logits(x, 1.0, top_k=5)
+    full = torch.softmax(x, -1)
+    keep = full >= full.topk(5, -1).values[..., -1:]
+    torch.testing.assert_close(p5, full * keep / (full * keep).sum(-1, keepdim=True))
+
+    # top-p: the smallest prefix (by probability) whose mass before the last kept id is < top_p
+    pp = spec.probs_from_logits(x, 1.0, top_p=0.6)
+    for row_full, row in zip(full.reshape(-1, 50), pp.reshape(-1, 50)):
+        order = row_full.argsort(descending=True, stable=True)
+        before = row_full[order].cumsum(0) - row_full[order]
+        kept = order[before < 0.6]
+        assert set(row.nonzero().flatten().tolist()) == set(kept.tolist())
+
+    # per-request tensors [B, 1] broadcast over positions; each row matches its scalar call
+    t = torch.tensor([[0.5], [1.0], [0.0], [2.0]])
+    k = torch.tensor([[0], [3], [10], [50]])
+    tp = torch.tensor([[0.9], [1.0], [0.5], [0.3]])
+    batched = spec.probs_from_logits(x, t, k, tp)
+    for r in range(4):
+        one = spec.probs_from_logits(x[r], t[r, 0].item(), int(k[r, 0]), tp[r, 0].item())
+        torch.testing.assert_close(batched[r], one)
+
+
+def test_probs_from_logits_is_sync_free():
+    """Meta tensors have no data: any .item(), data-dependent shape or host read would raise."""
+    x = torch.empty(4, 3, 151552, device="meta", dtype=torch.bfloat16)
+    t = torch.empty(4, 1, device="meta")
+    k = torch.empty(4, 1, device="meta", dtype=torch.int64)
+    out = spec.probs_from_logits(x, t, k, torch.empty(4, 1, device="meta"))
+    assert out.shape == x.shape and out.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops: opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(gen, backend):
+    import glm45_ops
+
+    if backend not in cpu_backends():
+        pytest.skip("triton needs TRITON_INTERPRET=1 on CPU")
+    draft, logits = greedy_inputs(3, 2, 64, torch.bfloat16, gen)
+    p, ids, q, u = sampling_inputs(3, 2, 64, gen, True)
+    with glm45_ops.use_backend(backend):
+        torch.library.opcheck(torch.ops.glm45.verify_greedy.default, (draft, logits))
+        torch.library.opcheck(torch.ops.glm45.verify_sampling.default, (p, ids, q, u))
+        torch.library.opcheck(torch.ops.glm45.verify_sampling.default, (None, ids, q, u))
+
+
+def test_torch_compile_fullgraph(gen):
+    """verify_greedy traces through its fake into one graph (no graph break), compiled == eager."""
+    torch._dynamo.reset()
+
+    def step(draft, logits):
+        out, acc = spec.verify_greedy(draft, logits)
+        return out, acc + 1
+
+    draft, logits = greedy_inputs(5, 3, 97, torch.float32, gen)
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    got, want = compiled(draft, logits), step(draft, logits)
+    assert_same((got[0], got[1].int()), (want[0], want[1].int()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_bad_input(gen, device, backend):
+    b, s, v = 3, 2, 50
+    p, ids, q, u = (t.to(device) for t in sampling_inputs(b, s, v, gen, True))
+    logits = torch.randn(b, s + 1, v, device=device)
+    greedy = lambda *a: spec.verify_greedy(*a, backend=backend)  # noqa: E731
+    sampling = lambda *a: spec.verify_sampling(*a, backend=backend)  # noqa: E731
+
+    with pytest.raises(ValueError, match="draft_ids must be int32 or int64"):
+        greedy(ids.float(), logits)
+    with pytest.raises(ValueError, match="target_logits must be bfloat16, float16 or float32"):
+        greedy(ids, logits.double())
+    with pytest.raises(ValueError, match=r"draft_ids must be 2-D \[B, S\]"):
+        greedy(ids[0], logits)
+    with pytest.raises(ValueError, match="target_logits must have shape"):  # S+1 mismatch
+        greedy(ids, logits[:, :s])
+    with pytest.raises(ValueError, match="target_logits must have shape"):  # B mismatch
+        greedy(ids[:2], logits)
+    with pytest.raises(ValueError, match="contiguous in its last dim"):
+        greedy(ids, logits.transpose(0, 2).contiguous().transpose(0, 2))
+
+    with pytest.raises(ValueError, match="target_probs must have shape"):  # S+1 mismatch
+        sampling(p, ids, q[:, :s], u)
+    with pytest.raises(ValueError, match="draft_probs must have shape"):  # vocab mismatch
+        sampling(p[..., :-1], ids, q, u)
+    with pytest.raises(ValueError, match="draft_probs must have shape"):  # S mismatch
+        sampling(p[:, :1], ids, q, u)
+    with pytest.raises(ValueError, match="uniform must have shape"):
+        sampling(p, ids, q, u[:, :s])
+    with pytest.raises(ValueError, match="uniform must be float32"):
+        sampling(p, ids, q, u.double())
+    with pytest.raises(ValueError, match="must share a dtype"):
+        sampling(p.bfloat16(), ids, q, u)
+    with pytest.raises(ValueError, match="the vocabulary V=0"):
+        sampling(None, ids, q[..., :0], u)
+
+    if device == "cpu":  # ids outside the vocabulary: checked where it costs no host sync
+        bad = ids.clone()
+        bad[1, 1] = v
+        with pytest.raises(ValueError, match=r"draft_ids must lie in \[0, V=50\); found 50"):
+            sampling(p, bad, q, u)
+        bad[1, 1] = -1
+        with pytest.raises(ValueError, match="found -1"):
+            greedy(bad, logits)
+        with pytest.raises(ValueError, match="is on meta but draft_ids is on cpu"):
+            sampling(p, ids, q, u.to("meta"))
+
+
+def test_bad_probs_from_logits_params():
+    x = torch.randn(2, 3, 10)
+    with pytest.raises(ValueError, match=r"top_k of shape \[2\] must broadcast"):
+        spec.probs_from_logits(x, 1.0, torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="temperature must be a number or a tensor"):
+        spec.probs_from_logits(x, "hot")
+    with pytest.raises(ValueError, match="logits must be bfloat16"):
+        spec.probs_from_logits(x.long())
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: full-size rows, the scalar (unaligned) paths, CUDA graphs
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device,backend", GPU_BACKENDS)
+@pytest.mark.parametrize("v", [151552, 151551, 40000])  # 151551: unaligned rows -> scalar loads
+def test_gpu_full_vocab(device, backend, v):
+    gen = torch.Generator().manual_seed(v)
+    for dtype in DTYPES:
+        draft, logits = greedy_inputs(64, 3, v, dtype, gen)
+        assert_same(spec.verify_greedy(draft.cuda(), logits.cuda(), backend=backend),
+                    ref.verify_greedy_ref(draft, logits), f"greedy {dtype} V={v}")
+    for with_draft in (True, False):
+        for dtype in (torch.float32, torch.bfloat16):
+            p, draft, q, u = sampling_inputs(64, 3, v, gen, with_draft, dtype)
+            to = lambda t: None if t is None else t.cuda()  # noqa: E731
+            assert_same(spec.verify_sampling(to(p), to(draft), to(q), to(u), backend=backend),
+                        ref.verify_sampling_ref(p, draft, q, u), f"sampling {dtype} draft={with_draft} V={v}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device,backend", GPU_BACKENDS)
+def test_gpu_cuda_graph(device, backend):
+    """Both ops capture into a CUDA graph (no host sync, no allocation that changes per call) and
+    replays recompute from the captured inputs' new contents."""
+    gen = torch.Generator().manual_seed(3)
+    p, draft, q, u = (t.cuda() for t in sampling_inputs(8, 3, 4096, gen, True))
+    gd, gl = (t.cuda() for t in greedy_inputs(8, 3, 4096, torch.bfloat16, gen))
+    spec.verify_sampling(p, draft, q, u, backend=backend)  # warm up (Triton compiles)
+    spec.verify_greedy(gd, gl, backend=backend)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        s_out = spec.verify_sampling(p, draft, q, u, backend=backend)
+        g_out = spec.verify_greedy(gd, gl, backend=backend)
+    u.copy_(torch.rand(u.shape, generator=gen).cuda())
+    gl.copy_(torch.randn(gl.shape, generator=gen).to(gl.dtype).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_same(s_out, ref.verify_sampling_ref(p.cpu(), draft.cpu(), q.cpu(), u.cpu()), "graph sampling")
+    assert_same(g_out, ref.verify_greedy_ref(gd.cpu(), gl.cpu()), "graph greedy")

@@ -484,3 +484,18 @@ def test_gpu_cuda_graph(device, backend):
     torch.cuda.synchronize()
     assert_same(s_out, ref.verify_sampling_ref(p.cpu(), draft.cpu(), q.cpu(), u.cpu()), "graph sampling")
     assert_same(g_out, ref.verify_greedy_ref(gd.cpu(), gl.cpu()), "graph greedy")
+
+
+def test_bench_cases_refcheck():
+    """The benchmark cases build on the CPU ('small' preset) and every CPU backend matches the
+    torch reference on them, as ``glm45-bench speculative --refcheck`` checks."""
+    from glm45_ops.bench.case import BenchContext, bit_exact
+    from glm45_ops.bench.cases import speculative as cases_mod
+    from glm45_ops.config import preset
+
+    cpu = torch.device("cpu")
+    for case in cases_mod.cases(BenchContext(preset("small"), cpu, (1,))):
+        want = case.make("torch", cpu, torch.Generator().manual_seed(0))()
+        for backend in cpu_backends()[1:]:
+            got = case.make(backend, cpu, torch.Generator().manual_seed(0))()
+            assert bit_exact(got, want) is None, f"{case.name} {backend}: {bit_exact(got, want)}"

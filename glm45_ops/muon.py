@@ -228,7 +228,9 @@ class Muon(torch.optim.Optimizer):
     ``adjust_lr_fn``: None / "original" ``sqrt(max(1, rows/cols))`` (KellerJordan),
     "match_rms_adamw" ``0.2 sqrt(max(rows, cols))`` (Moonlight, arXiv 2502.16982),
     "spectral_unclamped" ``sqrt(rows/cols)``. For 2-D parameters the steps are bit-identical to
-    ``torch.optim.Muon``'s on the ``torch`` backend.
+    ``torch.optim.Muon``'s on the ``torch`` backend, with one exception: with bf16 parameters and
+    ``nesterov=False``, torch (2.13/2.14) normalises the momentum buffer in place (its NS divides
+    ``buf.bfloat16()``, which is ``buf`` itself); here the buffer is left as the formula says.
 
     Beyond ``torch.optim.Muon``:
 

@@ -37,6 +37,16 @@ REL_VS_REF = 5e-3
 ACCURACY_SLACK = 1.01
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny bf16 matmuls: on a shared 2-core box torch's thread pool turns 0.1 ms into 10 ms per
+    call under contention. One thread keeps this file fast (and its workers: see _dist_worker)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def rel_err(x: torch.Tensor, want: torch.Tensor) -> float:
     return ((x.double().cpu() - want.double().cpu()).norm() / want.double().cpu().norm()).item()
 
@@ -236,6 +246,31 @@ def test_optimizer_matches_torch_muon(gen, nesterov, weight_decay, adjust_lr_fn)
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_optimizer_bf16_params(gen, nesterov):
+    """bf16 parameters: torch.optim.Muon's steps with Nesterov; without it torch normalises the
+    momentum buffer in place (its NS divides ``buf.bfloat16()``, which is ``buf``), which we do not.
+
+    Tall matrices: torch adds its update as a transposed view, ours is contiguous, and CPU
+    ``bf16.add_(other, alpha)`` rounds differently on its strided path (1 ulp on ~3% of the
+    elements per step): two bf16 ulps (2^-7 relative) after three steps, and for elements near
+    zero a few ulps of the update's own size (lr * adjust * |O| ~ 5e-3: 1e-4)."""
+    params0, grads = _params_and_grads(gen, SHAPES_2D, 3)
+    params0 = [p.bfloat16() for p in params0]
+    grads = [[g.bfloat16() for g in gs] for gs in grads]
+    kwargs = dict(lr=0.02, nesterov=nesterov)
+    got, opt = _run(muon.Muon, params0, grads, **kwargs)
+    if nesterov:
+        want, _ = _run(torch.optim.Muon, params0, grads, **kwargs)
+        for g, w, (rows, cols) in zip(got, want, SHAPES_2D):
+            tall = rows > cols
+            torch.testing.assert_close(g, w, rtol=2**-7 if tall else 0, atol=1e-4 if tall else 0)
+    buf = torch.zeros_like(grads[0][0])
+    for gs in grads:
+        buf.lerp_(gs[0], 1 - 0.95)
+    torch.testing.assert_close(opt.state[opt.param_groups[0]["params"][0]]["momentum_buffer"], buf, rtol=0, atol=0)
+
+
 def test_optimizer_triton_backend_close_to_torch(gen):
     if "triton" not in cpu_backends():
         pytest.skip("needs TRITON_INTERPRET=1")
@@ -334,6 +369,7 @@ DIST_TIMEOUT_S = 90
 
 
 def _dist_worker(rank, world, init_file, params0, grads, kwargs, want, fsdp):
+    torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )

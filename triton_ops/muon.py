@@ -29,9 +29,10 @@ from triton_ops._common import to_out_dtype
 # Hopper tiles: 128x128 outputs, 64-deep K steps, 8 warps (4 warps spill at 128x128, KNOWLEDGE §2).
 GPU_BLOCK, GPU_BLOCK_K, GPU_WARPS, GPU_STAGES = 128, 64, 8, 3
 GROUP_M = 8  # tile-row grouping of ns_update's grid, for L2 reuse of B's rows
-# Interpreter cost is per program and per loop trip: K in one or two trips, wide update tiles,
-# and small Gram tiles so that small test matrices still have off-diagonal tiles to mirror.
-INTERP_GRAM_BLOCK, INTERP_UPDATE_BLOCK_M, INTERP_UPDATE_BLOCK_N, INTERP_MAX_BLOCK_K = 32, 64, 128, 512
+# Interpreter cost is per program and per loop trip: at most 4 tiles per side (but at least 2
+# whenever a side exceeds the minimum tile, so the Gram kernel always has tiles to mirror) and K
+# in one or two trips.
+INTERP_TILES_PER_SIDE, INTERP_MIN_BLOCK, INTERP_MAX_BLOCK_K = 4, 32, 512
 
 
 @triton.jit
@@ -137,6 +138,12 @@ def _ns_update_kernel(
     tl.store(o_ptr + pid_b * o_b_stride + o_offs, to_out_dtype(acc, o_ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
 
+def _block(size: int) -> int:
+    if not interpreting():
+        return GPU_BLOCK
+    return max(INTERP_MIN_BLOCK, triton.next_power_of_2(triton.cdiv(size, INTERP_TILES_PER_SIDE)))
+
+
 def _block_k(k: int) -> int:
     return min(INTERP_MAX_BLOCK_K, max(16, triton.next_power_of_2(k))) if interpreting() else GPU_BLOCK_K
 
@@ -150,7 +157,7 @@ def sym_gram(
     nb, m, k = x.shape
     if out.numel() == 0:
         return
-    block = INTERP_GRAM_BLOCK if interpreting() else GPU_BLOCK
+    block = _block(m)
     nt = triton.cdiv(m, block)
     cc = c if c is not None else out
     _sym_gram_kernel[(nt * (nt + 1) // 2, nb)](
@@ -168,7 +175,7 @@ def ns_update(bmat: torch.Tensor, x: torch.Tensor, out: torch.Tensor, a: float) 
     nb, m, n = x.shape
     if out.numel() == 0:
         return
-    bm, bn = (INTERP_UPDATE_BLOCK_M, INTERP_UPDATE_BLOCK_N) if interpreting() else (GPU_BLOCK, GPU_BLOCK)
+    bm, bn = _block(m), _block(n)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), nb)
     _ns_update_kernel[grid](
         bmat, x, out, m, n,

@@ -16,6 +16,13 @@ from triton_ops import CompileSpec, interpreting
 from triton_ops._common import ceil_pow2, round_to_e4m3_grid, to_out_dtype
 
 
+# Default GPU launch configs (the launchers and COMPILE_SPECS share them). A 128x128 block in
+# registers needs 16 warps to stay at 128 registers a thread (8 warps: 225, one CTA per SM).
+_PTGQ_ELEMS_PER_PROGRAM, _PTGQ_WARPS = 2048, 4
+_PBQ_WARPS = 16
+_DEQUANT_TILE, _DEQUANT_WARPS = (32, 128), 4
+
+
 @triton.jit
 def _scale_from_amax(amax, eps, UE8M0: tl.constexpr):
     scale = tl.math.div_rn(tl.maximum(amax, eps), 448.0)
@@ -115,14 +122,14 @@ def per_token_group_quant_fp8(
         return
     block_k = triton.next_power_of_2(group_size)
     # ~2K elements per program on the GPU; under the interpreter, as few programs as possible
-    block_g = max(1, 2048 // block_k) if not interpreting() else triton.next_power_of_2(max(1, n_groups // 4))
+    block_g = max(1, _PTGQ_ELEMS_PER_PROGRAM // block_k) if not interpreting() else triton.next_power_of_2(max(1, n_groups // 4))
     block_g = min(block_g, triton.next_power_of_2(n_groups))
     grid = (triton.cdiv(n_groups, block_g),)
     _per_token_group_quant_fp8_kernel[grid](
         x, x_q, scale, n_groups, groups_per_row,
         x.stride(0), x_q.stride(0), scale.stride(0), scale.stride(1), eps,
         GROUP=group_size, BLOCK_K=block_k, BLOCK_G=block_g,
-        UE8M0=scale_ue8m0, ROUND_ON_GRID=interpreting(), num_warps=4,
+        UE8M0=scale_ue8m0, ROUND_ON_GRID=interpreting(), num_warps=_PTGQ_WARPS,
     )
 
 
@@ -137,7 +144,7 @@ def per_block_quant_fp8(
     _per_block_quant_fp8_kernel[grid](
         w, w_q, scale, n, k,
         w.stride(0), w.stride(1), w_q.stride(0), w_q.stride(1), scale.stride(0), scale.stride(1), eps,
-        BLOCK=block_size, UE8M0=scale_ue8m0, ROUND_ON_GRID=interpreting(), num_warps=8,
+        BLOCK=block_size, UE8M0=scale_ue8m0, ROUND_ON_GRID=interpreting(), num_warps=_PBQ_WARPS,
     )
 
 
@@ -146,13 +153,13 @@ def dequant_fp8(x_q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, block
     b, r, c = x_q.shape
     if x_q.numel() == 0:
         return
-    tile_r, tile_c = (32, 128) if not interpreting() else (triton.next_power_of_2(r), triton.next_power_of_2(c))
+    tile_r, tile_c = _DEQUANT_TILE if not interpreting() else (triton.next_power_of_2(r), triton.next_power_of_2(c))
     grid = (triton.cdiv(c, tile_c), triton.cdiv(r, tile_r), b)
     _dequant_fp8_kernel[grid](
         x_q, scale, out, r, c,
         x_q.stride(0), x_q.stride(1), scale.stride(0), scale.stride(1), scale.stride(2),
         out.stride(0), out.stride(1),
-        BM=block_m, BN=block_n, TILE_R=tile_r, TILE_C=tile_c, ROUND_ON_GRID=interpreting(), num_warps=4,
+        BM=block_m, BN=block_n, TILE_R=tile_r, TILE_C=tile_c, ROUND_ON_GRID=interpreting(), num_warps=_DEQUANT_WARPS,
     )
 
 
@@ -178,9 +185,9 @@ def _ptgq_spec(dtype: torch.dtype, ue8m0: bool, column_major: bool) -> CompileSp
         label=f"{_TL[dtype]}{' ue8m0' if ue8m0 else ''}{' col-major' if column_major else ''}",
         kernel=_per_token_group_quant_fp8_kernel,
         signature=sig,
-        constexprs={unit: 1, "GROUP": 128, "BLOCK_K": 128, "BLOCK_G": 2048 // 128, "UE8M0": ue8m0,
+        constexprs={unit: 1, "GROUP": 128, "BLOCK_K": 128, "BLOCK_G": _PTGQ_ELEMS_PER_PROGRAM // 128, "UE8M0": ue8m0,
                     "ROUND_ON_GRID": False},
-        options={"num_warps": 4},
+        options={"num_warps": _PTGQ_WARPS},
         aligned=("x_row_stride", "q_row_stride", strided),
     )
 
@@ -194,7 +201,7 @@ def _pbq_spec(dtype: torch.dtype, ue8m0: bool) -> CompileSpec:
                    **{s: "i32" for s in strides},
                    "eps": "fp32", "BLOCK": "constexpr", "UE8M0": "constexpr", "ROUND_ON_GRID": "constexpr"},
         constexprs={"BLOCK": 128, "UE8M0": ue8m0, "ROUND_ON_GRID": False},
-        options={"num_warps": 8},
+        options={"num_warps": _PBQ_WARPS},
         aligned=("K", "w_n_stride", "q_n_stride"),
     )
 
@@ -208,9 +215,9 @@ def _dequant_spec(block_m: int, block_n: int) -> CompileSpec:
                    "s_c_stride": "constexpr", "o_b_stride": "i32", "o_r_stride": "i32",
                    "BM": "constexpr", "BN": "constexpr", "TILE_R": "constexpr", "TILE_C": "constexpr",
                    "ROUND_ON_GRID": "constexpr"},
-        constexprs={"s_c_stride": 1, "BM": block_m, "BN": block_n, "TILE_R": 32, "TILE_C": 128,
+        constexprs={"s_c_stride": 1, "BM": block_m, "BN": block_n, "TILE_R": _DEQUANT_TILE[0], "TILE_C": _DEQUANT_TILE[1],
                     "ROUND_ON_GRID": False},
-        options={"num_warps": 4},
+        options={"num_warps": _DEQUANT_WARPS},
         aligned=("C", "q_r_stride", "o_r_stride"),
     )
 

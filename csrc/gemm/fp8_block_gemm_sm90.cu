@@ -23,8 +23,9 @@
 // round_up(M, 4) rows), which is what per_token_group_quant_fp8(column_major_scales=True) writes:
 // no copy. A row-major or unaligned a_scale is first copied into that layout (one small
 // transpose: M * K/128 * 4 bytes each way, 1.5 MB at M = 4096, K = 12288). b_scale is read K-major as given (cp.async, any row stride).
-// The TMA store needs 16-byte aligned output rows: N % 8 (bf16) or N % 4 (fp32); other N (never
-// in GLM-4.5) go through a padded temporary and one extra copy of the output.
+// The TMA epilogue needs whole 16-byte vectors per output row: N % 8 (bf16) or N % 4 (fp32);
+// other N (never in GLM-4.5) run on padded copies of the weight and the output (one extra copy
+// of each: a slow path for odd shapes, not for production layers).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -155,7 +156,7 @@ struct Problem {
 };
 
 template <class Config>
-void run(const Problem& p, int device, cudaStream_t stream) {
+typename Config::Gemm::Arguments make_arguments(const Problem& p, int device, int sms) {
   using Gemm = typename Config::Gemm;
   using ElementAB = typename Config::ElementAB;
   using StrideA = typename Gemm::GemmKernel::StrideA;
@@ -189,7 +190,7 @@ void run(const Problem& p, int device, cudaStream_t stream) {
 
   cutlass::KernelHardwareInfo hw;
   hw.device_id = device;
-  hw.sm_count = sm_count(device);
+  hw.sm_count = sms;
 
   typename Gemm::Arguments args{
       cutlass::gemm::GemmUniversalMode::kGemm,
@@ -200,6 +201,13 @@ void run(const Problem& p, int device, cudaStream_t stream) {
       hw};
   args.epilogue.thread.alpha = 1.0f;
   args.epilogue.thread.beta = 0.0f;
+  return args;
+}
+
+template <class Config>
+void run(const Problem& p, int device, cudaStream_t stream) {
+  using Gemm = typename Config::Gemm;
+  typename Gemm::Arguments args = make_arguments<Config>(p, device, sm_count(device));
 
   Gemm gemm;
   TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess,
@@ -318,22 +326,30 @@ at::Tensor fp8_block_gemm(const at::Tensor& a, const at::Tensor& a_scale, const 
               major, minor, ": use backend='triton'");
   TORCH_CHECK(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX, "fp8_block_gemm: dims must fit in int32");
 
-  // TMA needs 16-byte aligned bases; views at odd offsets (rare) are copied
+  // CUTLASS's TMA epilogue wants whole 16-byte vectors along each output row, so N is rounded
+  // up to n_al for the kernel: the weight and the output get n_al rows in padded temporaries
+  // (uninitialized: the extra rows only produce the extra columns, which are dropped) and the
+  // output one extra copy. Never taken for GLM-4.5 (every N a multiple of 128).
+  const int64_t n_al = round_up(n, 16 / static_cast<int64_t>(at::elementSize(out_dtype)));
+  const bool padded = n_al != n;
+  at::Tensor b_ = b;
+  if (padded) {
+    b_ = at::empty({n_al, k}, b.options());
+    b_.narrow(0, 0, n).copy_(b);
+  } else if (!aligned16(b)) {  // TMA needs 16-byte aligned bases: views at odd offsets are copied
+    b_ = b.clone();
+  }
   const at::Tensor a_ = aligned16(a) ? a : a.clone();
-  const at::Tensor b_ = aligned16(b) ? b : b.clone();
   const auto [sa, ld_sa64] = mn_major_padded(a_scale);
   const int ld_sa = int(ld_sa64);
   const int ld_sb = int(b_scale.size(0) == 1 ? b_scale.size(1) : b_scale.stride(0));
+  at::Tensor d = padded ? at::empty({m, n_al}, out.options()) : out;
 
-  // the TMA store writes 16-byte aligned rows: pad N when it does not allow that
-  const int64_t align_n = 16 / at::elementSize(out_dtype);
-  const bool padded = n % align_n != 0;
-  at::Tensor d = padded ? at::empty({m, round_up(n, align_n)}, out.options()) : out;
-
-  const Problem tokens_major{int(m), int(n), int(k), a_.data_ptr(), a_.stride(0), sa.data_ptr<float>(), ld_sa,
+  const Problem tokens_major{int(m), int(n_al), int(k), a_.data_ptr(), a_.stride(0), sa.data_ptr<float>(), ld_sa,
                              b_.data_ptr(), b_.stride(0), b_scale.data_ptr<float>(), ld_sb, d.data_ptr(), d.stride(0)};
-  const Problem weights_major{int(n), int(m), int(k), b_.data_ptr(), b_.stride(0), b_scale.data_ptr<float>(), ld_sb,
-                              a_.data_ptr(), a_.stride(0), sa.data_ptr<float>(), ld_sa, d.data_ptr(), d.stride(0)};
+  const Problem weights_major{int(n_al), int(m), int(k), b_.data_ptr(), b_.stride(0), b_scale.data_ptr<float>(),
+                              ld_sb, a_.data_ptr(), a_.stride(0), sa.data_ptr<float>(), ld_sa, d.data_ptr(),
+                              d.stride(0)};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   if (out_dtype == at::kBFloat16) {
     dispatch<cutlass::bfloat16_t>(tokens_major, weights_major, m, device, stream);

@@ -24,11 +24,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <climits>
+#include <cstdint>
 #include <optional>
 #include <type_traits>
-
-#include "common/cuda_utils.cuh"
 
 namespace glm45 {
 namespace {
@@ -46,6 +48,22 @@ constexpr int kMaxTiles = int(kMaxVocab / kTileElems);                        //
 // ---------------------------------------------------------------------------------------------
 // Device helpers
 // ---------------------------------------------------------------------------------------------
+
+// N elements of T moved as one 16-byte access (LDG.128) when sizeof(T) * N == 16.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+  __device__ __forceinline__ void load(const T* p) { *this = *reinterpret_cast<const Vec*>(p); }
+};
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T neg_inf();
+template <> __device__ __forceinline__ float neg_inf<float>() { return -INFINITY; }
+template <> __device__ __forceinline__ __half neg_inf<__half>() { return __ushort_as_half(0xfc00); }
+template <> __device__ __forceinline__ __nv_bfloat16 neg_inf<__nv_bfloat16>() { return __ushort_as_bfloat16(0xff80); }
 
 // row[j, j+N) as fp32. kChecked: elements at or past n read as 0 (never loaded); otherwise the
 // caller guarantees j + N <= n and this is one 16-byte load (the host checks that every row is
@@ -184,7 +202,7 @@ __device__ __forceinline__ Vec<T, N> load_or_neg_inf(const T* __restrict__ row, 
     x.load(row + j);
   } else {
 #pragma unroll
-    for (int e = 0; e < N; ++e) x.v[e] = j + e < n ? row[j + e] : from_float<T>(-INFINITY);
+    for (int e = 0; e < N; ++e) x.v[e] = j + e < n ? row[j + e] : neg_inf<T>();
   }
   return x;
 }
@@ -500,6 +518,22 @@ void check_same_device(const char* name, const at::Tensor& t, const at::Tensor& 
   TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device(), " but draft_ids is on ", ref.device());
 }
 
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// f(Tag<float | __half | __nv_bfloat16>{}) for a float dtype (CUDA's own types in device code).
+template <typename F>
+void dispatch_float(at::ScalarType dt, const char* name, F&& f) {
+  switch (dt) {
+    case at::kFloat: return f(Tag<float>{});
+    case at::kHalf: return f(Tag<__half>{});
+    case at::kBFloat16: return f(Tag<__nv_bfloat16>{});
+    default: TORCH_CHECK_VALUE(false, name, " must be bfloat16, float16 or float32, got ", dt);
+  }
+}
+
 template <typename F>
 void dispatch_ids(const at::Tensor& ids, F&& f) {
   if (ids.scalar_type() == at::kInt) {
@@ -523,7 +557,8 @@ std::tuple<at::Tensor, at::Tensor> verify_greedy(const at::Tensor& draft_ids, co
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(draft_ids.get_device());
   const GreedyArgs a{S + 1, target_logits.size(2), target_logits.stride(0), target_logits.stride(1), out.stride(0),
                      out.stride(1)};
-  GLM45_DISPATCH_FLOAT(target_logits.scalar_type(), "target_logits", [&] {
+  dispatch_float(target_logits.scalar_type(), "target_logits", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
     constexpr int kVec = 16 / sizeof(scalar_t);
     const auto* lp = static_cast<const scalar_t*>(target_logits.data_ptr());
     const unsigned grid = static_cast<unsigned>(B * (S + 1));
@@ -585,7 +620,8 @@ std::tuple<at::Tensor, at::Tensor> verify_sampling(const std::optional<at::Tenso
                        uniform.stride(1),
                        out.stride(0),
                        out.stride(1)};
-  GLM45_DISPATCH_FLOAT(target_probs.scalar_type(), "target_probs", [&] {
+  dispatch_float(target_probs.scalar_type(), "target_probs", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vec = rows_aligned(target_probs, kVec) && (!has_draft || rows_aligned(dp, kVec));
     const auto* tp = static_cast<const scalar_t*>(target_probs.data_ptr());

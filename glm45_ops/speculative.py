@@ -48,7 +48,7 @@ def _check_tensor(name: str, t, dtypes: tuple[torch.dtype, ...], ndim: int, dims
 
 
 def _check_rows(name: str, t: torch.Tensor, b: int, rows: int, v: int | None, what: str) -> None:
-    """``t`` is ``[B, rows(, V)]``: name the first dimension that disagrees."""
+    """``t`` must have shape ``[B, rows(, V)]``; the message says where B, rows and V come from."""
     want = (b, rows) if v is None else (b, rows, v)
     if tuple(t.shape) != want:
         raise ValueError(f"{name} must have shape {list(want)} ({what}), got {list(t.shape)}")

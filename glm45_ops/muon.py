@@ -214,6 +214,25 @@ def _unit_view(t: torch.Tensor, unit: Unit) -> torch.Tensor:
     return t if t.dim() == 2 else t[unit[1]:unit[2]]
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not dist.is_available():  # torch builds without torch.distributed have no DTensor either
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _sharded_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` as ``like`` is laid out: re-sharded to its placements when ``like`` is a DTensor
+    (Replicate -> Shard is a local slice, no communication)."""
+    if not _is_dtensor(like):
+        return full
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = like.device_mesh
+    return DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, like.placements)
+
+
 class Muon(torch.optim.Optimizer):
     r"""Muon (momentum orthogonalised by Newton-Schulz), a drop-in for ``torch.optim.Muon``.
 
@@ -311,25 +330,18 @@ class Muon(torch.optim.Optimizer):
 
     def _orthogonalize(self, updates: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
         """bf16 NS of each update (the values torch.optim.Muon adds), laid out like the update."""
-        from torch.distributed.tensor import DTensor, Replicate
-
         def ns(x):  # bf16 in, bf16 out: the same values as NS(x) in x's dtype, half the traffic
             return newton_schulz(
                 x.to(torch.bfloat16), group["ns_steps"], group["ns_coefficients"], group["eps"], backend=self.backend
             )
 
-        full = [u.full_tensor() if isinstance(u, DTensor) else u for u in updates]
+        full = [u.full_tensor() if _is_dtensor(u) else u for u in updates]
         pg, world = self._world()
         if world == 1:
             out = [ns(u) for u in full]
         else:
             out = self._distributed_ns(full, ns, pg, world)
-        return [
-            DTensor.from_local(o, u.device_mesh, [Replicate()] * u.device_mesh.ndim, run_check=False)
-            .redistribute(u.device_mesh, u.placements)
-            if isinstance(u, DTensor) else o
-            for o, u in zip(out, updates)
-        ]
+        return [_sharded_like(o, u) for o, u in zip(out, updates)]
 
     def _distributed_ns(self, full, ns, pg, world) -> list[torch.Tensor]:
         plan = _plan([u.shape for u in full], world)

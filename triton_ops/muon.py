@@ -29,6 +29,7 @@ from triton_ops._common import to_out_dtype
 # Hopper tiles: 128x128 outputs, 64-deep K steps, 8 warps (4 warps spill at 128x128, KNOWLEDGE §2).
 GPU_BLOCK, GPU_BLOCK_K, GPU_WARPS, GPU_STAGES = 128, 64, 8, 3
 GROUP_M = 8  # tile-row grouping of ns_update's grid, for L2 reuse of B's rows
+MAX_GRID_BATCH = 65535  # CUDA's limit on grid.y: larger batches launch in chunks
 # Interpreter cost is per program and per loop trip: at most 4 tiles per side (but at least 2
 # whenever a side exceeds the minimum tile, so the Gram kernel always has tiles to mirror) and K
 # in one or two trips.
@@ -148,6 +149,10 @@ def _block_k(k: int) -> int:
     return min(INTERP_MAX_BLOCK_K, max(16, triton.next_power_of_2(k))) if interpreting() else GPU_BLOCK_K
 
 
+def _batches(nb: int) -> list[slice]:
+    return [slice(b, min(nb, b + MAX_GRID_BATCH)) for b in range(0, nb, MAX_GRID_BATCH)]
+
+
 def sym_gram(
     x: torch.Tensor, out: torch.Tensor, alpha: float = 1.0, c: torch.Tensor | None = None, beta: float = 0.0
 ) -> None:
@@ -160,13 +165,14 @@ def sym_gram(
     block = _block(m)
     nt = triton.cdiv(m, block)
     cc = c if c is not None else out
-    _sym_gram_kernel[(nt * (nt + 1) // 2, nb)](
-        x, cc, out, m, k,
-        *x.stride(), *cc.stride(), *out.stride(),
-        alpha, beta,
-        HAS_C=c is not None, BLOCK=block, BLOCK_K=_block_k(k), INTERPRETER=interpreting(),
-        num_warps=GPU_WARPS, num_stages=GPU_STAGES,
-    )
+    for b in _batches(nb):
+        _sym_gram_kernel[(nt * (nt + 1) // 2, b.stop - b.start)](
+            x[b], cc[b], out[b], m, k,
+            *x.stride(), *cc.stride(), *out.stride(),
+            alpha, beta,
+            HAS_C=c is not None, BLOCK=block, BLOCK_K=_block_k(k), INTERPRETER=interpreting(),
+            num_warps=GPU_WARPS, num_stages=GPU_STAGES,
+        )
 
 
 def ns_update(bmat: torch.Tensor, x: torch.Tensor, out: torch.Tensor, a: float) -> None:
@@ -176,14 +182,14 @@ def ns_update(bmat: torch.Tensor, x: torch.Tensor, out: torch.Tensor, a: float) 
     if out.numel() == 0:
         return
     bm, bn = _block(m), _block(n)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), nb)
-    _ns_update_kernel[grid](
-        bmat, x, out, m, n,
-        *bmat.stride(), *x.stride(), *out.stride(),
-        a,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=_block_k(m), GROUP=GROUP_M, INTERPRETER=interpreting(),
-        num_warps=GPU_WARPS, num_stages=GPU_STAGES,
-    )
+    for b in _batches(nb):
+        _ns_update_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn), b.stop - b.start)](
+            bmat[b], x[b], out[b], m, n,
+            *bmat.stride(), *x.stride(), *out.stride(),
+            a,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=_block_k(m), GROUP=GROUP_M, INTERPRETER=interpreting(),
+            num_warps=GPU_WARPS, num_stages=GPU_STAGES,
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -283,3 +283,24 @@ def test_gpu_glm_shapes(backend, m, n, k, layout, out_dtype):
     ops = make_operands(m, n, k, gen, layout=layout, device="cuda")
     out = gemm.fp8_block_gemm(*ops, out_dtype, backend=backend)
     assert_gemm_close(out, *ops)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark cases (glm45_ops/bench/cases/gemm.py): shapes and refcheck rule
+# ---------------------------------------------------------------------------------------------
+
+def test_bench_cases():
+    from glm45_ops.bench.case import BenchContext
+    from glm45_ops.bench.cases import gemm as cases_mod
+    from glm45_ops.config import preset
+
+    assert cases_mod.linear_shapes(preset("glm-4.5")) == [
+        ("qkv_proj", 14336, 5120), ("o_proj/down_proj", 5120, 12288), ("gate_up_proj", 24576, 5120)]
+    ctx = BenchContext(preset("small"), torch.device("cpu"), (256, 1))
+    cases = cases_mod.cases(ctx)
+    assert len({c.name for c in cases}) == len(cases)
+    case = next(c for c in cases if c.name == "fp8_block_gemm qkv_proj M=1")
+    outs = {b: case.make(b, torch.device("cpu"), torch.Generator().manual_seed(0))() for b in cpu_backends()}
+    for out in outs.values():
+        assert cases_mod.close(out, outs["torch"]) is None
+    assert cases_mod.close(outs["torch"] * 1.01, outs["torch"]) is not None

@@ -328,22 +328,15 @@ class Muon(torch.optim.Optimizer):
             return None, 1
         return pg, dist.get_world_size(pg)
 
-    def _orthogonalize(self, updates: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
-        """bf16 NS of each update (the values torch.optim.Muon adds), laid out like the update."""
-        def ns(x):  # bf16 in, bf16 out: the same values as NS(x) in x's dtype, half the traffic
-            return newton_schulz(
-                x.to(torch.bfloat16), group["ns_steps"], group["ns_coefficients"], group["eps"], backend=self.backend
-            )
+    def _ns(self, x: torch.Tensor, group: dict) -> torch.Tensor:
+        """bf16 in, bf16 out: the values NS(x) has in x's dtype (NS starts by rounding to bf16 and
+        its result is bf16's), at half the memory and traffic."""
+        return newton_schulz(
+            x.to(torch.bfloat16), group["ns_steps"], group["ns_coefficients"], group["eps"], backend=self.backend
+        )
 
-        full = [u.full_tensor() if _is_dtensor(u) else u for u in updates]
-        pg, world = self._world()
-        if world == 1:
-            out = [ns(u) for u in full]
-        else:
-            out = self._distributed_ns(full, ns, pg, world)
-        return [_sharded_like(o, u) for o, u in zip(out, updates)]
-
-    def _distributed_ns(self, full, ns, pg, world) -> list[torch.Tensor]:
+    def _distributed_ns(self, full: list[torch.Tensor], group: dict, pg, world: int) -> list[torch.Tensor]:
+        """NS of every (full) update: this rank's share of the plan, then one all-gather."""
         plan = _plan([u.shape for u in full], world)
         rank = dist.get_rank(pg)
         sizes = [sum(_unit_view(full[i], (i, e0, e1)).numel() for i, e0, e1 in units) for units in plan]
@@ -351,7 +344,7 @@ class Muon(torch.optim.Optimizer):
         send = torch.zeros(max(sizes), dtype=torch.bfloat16, device=device)
         offset = 0
         for unit in plan[rank]:
-            o = ns(_unit_view(full[unit[0]], unit)).reshape(-1)
+            o = self._ns(_unit_view(full[unit[0]], unit), group).reshape(-1)
             send[offset:offset + o.numel()] = o
             offset += o.numel()
         recv = torch.empty((world, send.numel()), dtype=torch.bfloat16, device=device)
@@ -365,32 +358,44 @@ class Muon(torch.optim.Optimizer):
                 offset += dst.numel()
         return out
 
+    def _momentum_update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """Advance p's momentum buffer and return the matrix to orthogonalise."""
+        if p.grad.is_sparse:
+            raise RuntimeError("Muon does not support sparse gradients")
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+        buf = state["momentum_buffer"]
+        buf.lerp_(p.grad, 1 - group["momentum"])
+        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+    @staticmethod
+    def _apply(p: torch.Tensor, o: torch.Tensor, group: dict) -> None:
+        lr = float(group["lr"])
+        p.mul_(1 - lr * group["weight_decay"])
+        p.add_(o, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+
     @torch.no_grad()
     def step(self, closure=None):
-        """One Muon step for every parameter with a gradient; returns ``closure()``'s loss if given."""
+        """One Muon step for every parameter with a gradient; returns ``closure()``'s loss if given.
+
+        One process: parameter by parameter (one update and its NS alive at a time). Distributed:
+        every update first (each rank needs all of them for its share), then the shared NS."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        pg, world = self._world()
         for group in self.param_groups:
-            lr = float(group["lr"])
-            momentum = group["momentum"]
-            params, updates = [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Muon does not support sparse gradients")
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                params.append(p)
-                updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
-            if not params:
-                continue
-            for p, o in zip(params, self._orthogonalize(updates, group)):
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(o, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+            params = [p for p in group["params"] if p.grad is not None]
+            if world == 1:
+                for p in params:
+                    u = self._momentum_update(p, group)
+                    full = u.full_tensor() if _is_dtensor(u) else u
+                    self._apply(p, _sharded_like(self._ns(full, group), u), group)
+            elif params:
+                updates = [self._momentum_update(p, group) for p in params]
+                full = [u.full_tensor() if _is_dtensor(u) else u for u in updates]
+                for p, o, u in zip(params, self._distributed_ns(full, group, pg, world), updates):
+                    self._apply(p, _sharded_like(o, u), group)
         return loss

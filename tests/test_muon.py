@@ -4,9 +4,7 @@ distributed (gloo, 2 and 4 processes, FSDP2), opcheck, torch.compile and bad inp
 
 from __future__ import annotations
 
-import copy
 import io
-import os
 import time
 from datetime import timedelta
 

@@ -133,7 +133,8 @@ def _ns_update_kernel(
         bm_ptrs += BLOCK_K * bm_c_stride
         x_ptrs += BLOCK_K * x_r_stride
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    x_tile = tl.load(x_base + rows[:, None].to(tl.int64) * x_r_stride + cols[None, :] * x_c_stride, mask=mask, other=0.0)
+    x_offs = rows[:, None].to(tl.int64) * x_r_stride + cols[None, :] * x_c_stride
+    x_tile = tl.load(x_base + x_offs, mask=mask, other=0.0)
     acc += a_coef * x_tile.to(tl.float32)
     o_offs = rows[:, None].to(tl.int64) * o_r_stride + cols[None, :] * o_c_stride
     tl.store(o_ptr + pid_b * o_b_stride + o_offs, to_out_dtype(acc, o_ptr.dtype.element_ty, INTERPRETER), mask=mask)

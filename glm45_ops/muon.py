@@ -11,7 +11,7 @@ per product for a whole expert stack) and ``cuda`` (cuBLAS through torch: ``bmm`
 buffers). All compute in bf16 with fp32 accumulation and round each product once, so backends
 differ only by accumulation order (a few bf16 ulps after five steps; tests bound it against a
 float64 iteration). Which GPU backend is faster is for an H200 measurement to decide
-(``glm45-bench --routine muon``); ``auto`` picks ``cuda`` on CUDA tensors meanwhile.
+(``glm45-bench muon``); ``auto`` picks ``cuda`` on CUDA tensors meanwhile.
 
 :class:`Muon` is ``torch.optim.Muon``'s constructor and update rule, plus 3-D expert stacks
 ``[E, out, in]`` (orthogonalised per expert in one batched call, update scaled from the last two

@@ -40,8 +40,8 @@ __device__ __forceinline__ Vec<uint8_t, N> quantize_vec(const Vec<T, N>& x, cons
 template <typename T, int N>
 __device__ __forceinline__ Vec<uint8_t, N> quantize(const Vec<T, N>& x, const ScaleDiv& d) {
   if (d.mode == ScaleDiv::kMarkstein) return quantize_vec<ScaleDiv::kMarkstein>(x, d);
-  if (d.mode == ScaleDiv::kLifted) return quantize_vec<ScaleDiv::kLifted>(x, d);
-  return quantize_vec<ScaleDiv::kSpecial>(x, d);
+  if (d.mode == ScaleDiv::kMultiply) return quantize_vec<ScaleDiv::kMultiply>(x, d);
+  return quantize_vec<ScaleDiv::kLifted>(x, d);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -198,10 +198,10 @@ _per_block_quant_fp8_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, fl
   };
   if (d.mode == ScaleDiv::kMarkstein) {
     store_all(std::integral_constant<ScaleDiv::Mode, ScaleDiv::kMarkstein>{});
-  } else if (d.mode == ScaleDiv::kLifted) {
-    store_all(std::integral_constant<ScaleDiv::Mode, ScaleDiv::kLifted>{});
+  } else if (d.mode == ScaleDiv::kMultiply) {
+    store_all(std::integral_constant<ScaleDiv::Mode, ScaleDiv::kMultiply>{});
   } else {
-    store_all(std::integral_constant<ScaleDiv::Mode, ScaleDiv::kSpecial>{});
+    store_all(std::integral_constant<ScaleDiv::Mode, ScaleDiv::kLifted>{});
   }
 }
 

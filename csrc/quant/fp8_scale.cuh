@@ -82,17 +82,20 @@ GLM45_HD float scale_from_amax(uint32_t amax_bits, uint32_t eps_bits, bool ue8m0
   return ue8m0 ? ceil_pow2(s) : s;
 }
 
-// x / scale, correctly rounded like the reference's IEEE division, without a division per
-// element. With inv = RN(1/s), q = RN(x inv) is within an ulp of x/s, e = q s - x is exact in one
-// FMA, and RN(q - e inv) is the correctly rounded quotient (Markstein's theorem); written as
-// fma(-e, inv, q), x = -0 keeps its sign. The theorem needs e not to underflow wherever the
-// quotient can reach e4m3's range (|x / s| >= 2^-10), which holds for s >= 2^-90, and a normal
-// inv, which holds for every finite scale the quantizers make (<= FLT_MAX / 448 < 2^120, or 2^120
-// after UE8M0). A smaller scale (a tiny eps) is first lifted by 2^100 together with x, exactly
-// (|x| <= 448 s, no overflow). A zero, inf or NaN scale gives x * (1/s), which is x / s for those. The mode is uniform over a
-// group or block, so branching on it never diverges.
+// x / scale, correctly rounded like the reference's IEEE division, without a division per element:
+// * kMultiply: x * (1/s), exact when s is a normal power of two (every UE8M0 scale: 1/s is exact
+//   and x * 2^-k rounds the same real as x / 2^k) and for s = 0, inf or NaN. A block holding an
+//   inf or NaN always lands here (its scale is inf, NaN, or 1 after UE8M0).
+// * kMarkstein: with inv = RN(1/s), q = RN(x inv) is within an ulp of x/s, e = q s - x is exact in
+//   one FMA, and RN(q - e inv) is the correctly rounded quotient (Markstein's theorem); written as
+//   fma(-e, inv, q), x = -0 keeps its sign. It needs a finite x, a normal inv (every finite scale
+//   here is <= FLT_MAX / 448 < 2^120), and e not to underflow wherever the quotient can reach
+//   e4m3's range (|x / s| >= 2^-10), which holds for s >= 2^-90.
+// * kLifted: a smaller scale (a tiny eps) is lifted by 2^100 together with x, exactly (|x| <= 448 s
+//   cannot overflow), then kMarkstein.
+// The mode is uniform over a group or block, so branching on it never diverges.
 struct ScaleDiv {
-  enum Mode { kMarkstein, kLifted, kSpecial };
+  enum Mode { kMultiply, kMarkstein, kLifted };
   static constexpr float kLift = 0x1p100f;
   float scale;  // what is stored
   float s, inv;
@@ -100,15 +103,17 @@ struct ScaleDiv {
 
   GLM45_HD explicit ScaleDiv(float sc) {
     scale = sc;
-    const bool finite = sc <= 3.402823466e38f;  // false for inf and NaN
-    mode = !(sc > 0.0f) || !finite ? kSpecial : sc >= 0x1p-90f ? kMarkstein : kLifted;
+    const uint32_t b = bits(sc), exponent = b >> 23;  // sc >= 0 or NaN
+    const bool normal_pow2 = (b & 0x007fffffu) == 0 && exponent >= 1 && exponent <= 254;
+    const bool finite_positive = sc > 0.0f && exponent <= 254;
+    mode = normal_pow2 || !finite_positive ? kMultiply : sc >= 0x1p-90f ? kMarkstein : kLifted;
     s = mode == kLifted ? sc * kLift : sc;
     inv = rcp_rn(s);
   }
 
   template <Mode kMode>
   GLM45_HD float div(float x) const {
-    if constexpr (kMode == kSpecial) return mul_rn(x, inv);
+    if constexpr (kMode == kMultiply) return mul_rn(x, inv);
     if constexpr (kMode == kLifted) x = mul_rn(x, kLift);
     const float q = mul_rn(x, inv);
     const float e = fma_rn(q, s, -x);
@@ -117,7 +122,7 @@ struct ScaleDiv {
 
   // x / scale in whichever mode this scale needs (host tests; kernels branch once per vector)
   GLM45_HD float operator()(float x) const {
-    return mode == kMarkstein ? div<kMarkstein>(x) : mode == kLifted ? div<kLifted>(x) : div<kSpecial>(x);
+    return mode == kMultiply ? div<kMultiply>(x) : mode == kMarkstein ? div<kMarkstein>(x) : div<kLifted>(x);
   }
 };
 

@@ -1,7 +1,8 @@
 // Host check of csrc/quant/fp8_scale.cuh, the scalar math of the CUDA FP8 quantizers, against
 // the reference's definitions on IEEE host floats (run by tests/test_quant_cuda.py):
 //   ScaleDiv(s)(x) == x / s  (fp32 bits; below 2^-11 in magnitude, where e4m3 rounds to +-0, the
-//                             sign only), for |x / s| <= 449: |x| <= amax <= 448 s(1 + 2^-23)
+//                             sign only), for |x / s| <= 449: |x| <= amax <= 448 s(1 + 2^-23);
+//                             inf and NaN x with the scales a block holding them gets
 //   ceil_pow2(s)  == ldexp(1, e) with s = m 2^e, e - 1 when m == 0.5  (torch.frexp / ldexp)
 // Scales: every reachable exponent with edge mantissas, subnormals, 0, inf, NaN; x: every bf16, plus random
 // fp32 near each scale. Prints the counts; exits 1 on any mismatch.
@@ -40,8 +41,9 @@ int main() {
     std::uniform_real_distribution<double> u(-449.0, 449.0);
     for (int i = 0; i < 2000; ++i) check(from_bits(bits(float(u(rng) * s)) ^ uint32_t(rng() & 0xff)));
   }
-  for (float s : {0.0f, INFINITY, NAN})
-    for (float x : {0.0f, -0.0f, 1.5f, -3.0f, INFINITY, -INFINITY}) {
+  // blocks holding inf or NaN: their scale is 0 (tiny eps), inf, NaN, or a power of two (UE8M0)
+  for (float s : {0.0f, INFINITY, NAN, 1.0f, 0x1p-126f, 0x1p120f})
+    for (float x : {0.0f, -0.0f, 1.5f, -3.0f, INFINITY, -INFINITY, NAN}) {
       const float want = x / s, got = glm45::fp8::ScaleDiv(s)(x);
       ++checked;
       if (bits(want) != bits(got) && !(std::isnan(want) && std::isnan(got))) report("div special", s, x, want, got);

@@ -35,7 +35,7 @@ def fp8_bits_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 
 def float_bits_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.shape}/{got.dtype} vs {want.shape}/{want.dtype}"
+    assert (got.shape, got.dtype) == (want.shape, want.dtype), f"{what}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
     g, w = got.cpu(), want.cpu()
     nan_w = torch.isnan(w.float())
     assert torch.equal(torch.isnan(g.float()), nan_w), f"{what}: NaN positions differ"
@@ -122,9 +122,10 @@ BAD = [
     ("per_token_group_quant_fp8", (_x, 0, 1e-4, False, False), "group_size must be a positive int"),
     ("per_token_group_quant_fp8", (_x, 128, 0.0, False, False), "eps must be > 0"),
     ("per_token_group_quant_fp8", (_x, 128, float("nan"), False, False), "eps must be > 0"),
-    ("per_token_group_quant_fp8", (_x, 96, 1e-4, False, False), r"x.shape\[-1\] \(K=256\) must be divisible by group_size=96"),
-    ("per_token_group_quant_fp8", (torch.ones(256, 4).t(), 128, 1e-4, False, False), "x must be contiguous in its last dim"),
-    ("per_token_group_quant_fp8", (torch.ones(2, 2, 128), 128, 1e-4, False, True), "column_major_scales=True needs a 2-D x"),
+    ("per_token_group_quant_fp8", (_x, 96, 1e-4, False, False),
+     r"x.shape\[-1\] \(K=256\) must be divisible by group_size=96"),
+    ("per_token_group_quant_fp8", (_x.t(), 4, 1e-4, False, False), "x must be contiguous in its last dim"),
+    ("per_token_group_quant_fp8", (_x.view(2, 2, 256), 128, 1e-4, False, True), "column_major_scales=True needs a 2-D"),
     ("per_token_group_quant_fp8", (torch.ones(()), 1, 1e-4, False, False), "x must have at least 1 dim"),
     ("per_token_group_quant_fp8", (_x, 128, 1e-4, False, False), "x must be a CUDA tensor"),
     ("per_block_quant_fp8", (_w.long(), 128, 1e-4, False), "w must be bfloat16, float16 or float32"),
@@ -141,7 +142,7 @@ BAD = [
     ("dequant_fp8", (_xq, _s, 1, 128, torch.int32), "out_dtype must be bfloat16, float16 or float32"),
     ("dequant_fp8", (_xq[0], _s[0], 1, 128, torch.float), "x_q must be at least 2-D"),
     ("dequant_fp8", (_xq, torch.ones(4, 3), 1, 128, torch.float), r"scale must have shape \[4, 2\]"),
-    ("dequant_fp8", (torch.ones(256, 4).to(FP8_DTYPE).t(), _s, 1, 128, torch.float), "x_q must be contiguous in its last dim"),
+    ("dequant_fp8", (_xq.t().contiguous().t(), _s, 1, 128, torch.float), "x_q must be contiguous in its last dim"),
     ("dequant_fp8", (_xq, _s, 1, 128, torch.float), "x_q must be a CUDA tensor"),
 ]
 
@@ -215,7 +216,9 @@ def test_infinities_and_nan(gen):
 @gpu
 @pytest.mark.parametrize("ue8m0", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (7, 100), (128, 128), (129, 300), (300, 5120), (1, 3, 130), (3, 257, 384), (2, 64, 1000)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (7, 100), (128, 128), (129, 300), (300, 5120), (1, 3, 130), (3, 257, 384), (2, 64, 1000)]
+)
 def test_per_block_quant(gen, shape, dtype, ue8m0):
     check_pbq(spread(shape, dtype, gen), ue8m0=ue8m0)
 
@@ -317,7 +320,8 @@ def test_offsets_beyond_int32(gen):
         fp8_bits_equal(wq[e], rq, f"w_q[{e}]")
         float_bits_equal(ws[e], rs, f"scale_inv[{e}]")
     out = quant.dequant_fp8(wq, ws, 128, 128, backend="cuda")
-    float_bits_equal(out[159], quant.dequant_fp8(wq[159].cpu(), ws[159].cpu(), 128, 128, backend="torch"), "dequant[159]")
+    want = quant.dequant_fp8(wq[159].cpu(), ws[159].cpu(), 128, 128, backend="torch")
+    float_bits_equal(out[159], want, "dequant[159]")
     del w, wq, ws, out
     x = torch.empty((419431, 5120), dtype=torch.bfloat16, device="cuda").normal_()
     for col in (False, True):

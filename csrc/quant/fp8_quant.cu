@@ -258,7 +258,8 @@ _dequant_fp8_kernel(const uint8_t* __restrict__ x_q, const float* __restrict__ s
   const int64_t c = (i - row * a.vecs_per_row) * VEC;
   const int64_t b = row / a.rows, r = row - b * a.rows;
   // the host picks VEC | block_cols, so the vector shares one scale
-  const float scale = s[b * a.s_batch_stride + (r / a.block_rows) * a.s_row_stride + (c / a.block_cols) * a.s_col_stride];
+  const float scale =
+      s[b * a.s_batch_stride + (r / a.block_rows) * a.s_row_stride + (c / a.block_cols) * a.s_col_stride];
   Vec<uint8_t, VEC> in;
   in.load(x_q + b * a.q_batch_stride + r * a.q_row_stride + c);
   float xf[VEC];

@@ -20,7 +20,8 @@ int main() {
   std::vector<float> scales;
   for (uint32_t b = 1; b < 0x800000u; b += 65537u) scales.push_back(from_bits(b));  // subnormal
   for (int e = -126; e <= 120; ++e)  // finite scales are <= FLT_MAX / 448 < 2^120, or 2^120 (UE8M0)
-    for (uint32_t m : {0u, 1u, 0x2a5b3cu, 0x400000u, 0x7ffffeu, 0x7fffffu}) scales.push_back(from_bits(uint32_t(e + 127) << 23 | m));
+    for (uint32_t m : {0u, 1u, 0x2a5b3cu, 0x400000u, 0x7ffffeu, 0x7fffffu})
+      scales.push_back(from_bits(uint32_t(e + 127) << 23 | m));
   std::mt19937_64 rng(0);
   long long checked = 0, bad = 0;
   auto report = [&](const char* what, float s, float x, float want, float got) {

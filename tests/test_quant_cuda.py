@@ -35,7 +35,7 @@ def fp8_bits_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 
 def float_bits_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    assert (got.shape, got.dtype) == (want.shape, want.dtype), f"{what}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
+    assert (got.shape, got.dtype) == (want.shape, want.dtype), f"{what}: {got.shape, got.dtype} vs {want.shape, want.dtype}"
     g, w = got.cpu(), want.cpu()
     nan_w = torch.isnan(w.float())
     assert torch.equal(torch.isnan(g.float()), nan_w), f"{what}: NaN positions differ"

@@ -3,12 +3,13 @@
 Field names follow transformers' ``Glm4MoeConfig`` so a checkpoint's ``config.json`` maps onto
 them directly. Sources: the released GLM-4.5 / GLM-4.5-Air configs, slime launch scripts and the
 Megatron-Bridge provider (KNOWLEDGE.md §4). ``small`` is a GLM-shaped toy for CPU runs: every
-dimension a multiple of 128 so the FP8 block paths are exercised, and tiny enough for the
+linear-layer dimension a multiple of 128 so the FP8 block paths are exercised, and tiny enough for the
 Triton interpreter.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -81,33 +82,22 @@ GLM_4_5 = ModelConfig(
     num_nextn_predict_layers=1,
 )
 
-GLM_4_5_AIR = ModelConfig(
+# The variants differ from GLM-4.5 only where listed.
+GLM_4_5_AIR = dataclasses.replace(
+    GLM_4_5,
     name="glm-4.5-air",
     hidden_size=4096,
     num_hidden_layers=46,
     first_k_dense_replace=1,
-    num_attention_heads=96,
-    num_key_value_heads=8,
-    head_dim=128,
     intermediate_size=10944,
     moe_intermediate_size=1408,
     n_routed_experts=128,
-    num_experts_per_tok=8,
-    n_shared_experts=1,
-    n_group=1,
-    topk_group=1,
-    norm_topk_prob=True,
     routed_scaling_factor=1.0,
     use_qk_norm=False,
-    attention_bias=True,
-    partial_rotary_factor=0.5,
-    rope_theta=1e6,
-    rms_norm_eps=1e-5,
-    vocab_size=151552,
-    num_nextn_predict_layers=1,
 )
 
-SMALL = ModelConfig(
+SMALL = dataclasses.replace(  # CPU-sized, same structure
+    GLM_4_5,
     name="small",
     hidden_size=512,
     num_hidden_layers=3,
@@ -119,18 +109,7 @@ SMALL = ModelConfig(
     moe_intermediate_size=256,
     n_routed_experts=8,
     num_experts_per_tok=2,
-    n_shared_experts=1,
-    n_group=1,
-    topk_group=1,
-    norm_topk_prob=True,
-    routed_scaling_factor=2.5,
-    use_qk_norm=True,
-    attention_bias=True,
-    partial_rotary_factor=0.5,
-    rope_theta=1e6,
-    rms_norm_eps=1e-5,
     vocab_size=1024,
-    num_nextn_predict_layers=1,
 )
 
 PRESETS: dict[str, ModelConfig] = {c.name: c for c in (GLM_4_5, GLM_4_5_AIR, SMALL)}

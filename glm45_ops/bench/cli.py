@@ -142,7 +142,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             report.write_csv(args.csv, record, rows)
 
     families = list(FAMILIES) if args.command == "all" else [args.command]
-    results, broken, offered = [], False, set()
+    results, broken, offered, skip_reasons = [], False, set(), set()
     for fam in families:
         try:
             cases = [c for c in load(fam).cases(ctx) if _selected(c, patterns)]
@@ -158,7 +158,10 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
                 if not wanted or b in wanted:
                     rows.append(run_case(case, b, device, refcheck=args.refcheck, iters=args.iters,
                                          ceilings=ceilings, repro=repro))
-                    print(f"  {fam} | {case.name} | {b}: {report.brief(rows[-1])}", file=sys.stderr, flush=True)
+                    r = rows[-1]
+                    brief = "skip (as above)" if r.status == "skip" and r.reason in skip_reasons else report.brief(r)
+                    skip_reasons.add(r.reason)
+                    print(f"  {fam} | {case.name} | {b}: {brief}", file=sys.stderr, flush=True)
             save(results + rows)
         print(f"\n[{fam}]" + (" CPU timings" if not on_gpu else ""))
         print(report.table(rows))

@@ -143,6 +143,26 @@ def extension_rows() -> tuple[list[dict[str, Any]], str]:
     return rows, note
 
 
+def _display_name(kernel: str) -> str:
+    """A readable table name; the JSON keeps the full one. CUTLASS kernels are named by their
+    MMA atom and output type (their full names run to thousands of characters)."""
+    if "cutlass" in kernel:
+        mma = re.search(r"MMA_(\d+x\d+x\d+)_F32(E4M3|E5M2|BF16|F16)\w*?_(SS|RS)", kernel)
+        out = "bf16" if "bfloat16_t" in kernel else "fp32"
+        sched = "stream-K" if "StreamK" in kernel else "persistent" if "Persistent" in kernel else ""
+        return " ".join(x for x in ("cutlass gemm", mma.group(1) if mma else "", mma.group(2) if mma else "",
+                                    f"-> {out}", sched) if x)
+    name = kernel.removeprefix("void ")
+    if name.endswith(")"):  # drop the parameter list: the "(" matching the last ")"
+        depth = 0
+        for i in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[i], 0)
+            if depth == 0:
+                name = name[:i]
+                break
+    return name.replace("glm45::(anonymous namespace)::", "").replace("glm45::", "")
+
+
 def collect(families: list[str] | None = None) -> dict[str, Any]:
     """Run the Triton part in a child process without TRITON_INTERPRET, the CUDA part here."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -178,7 +198,8 @@ def main(json_path: str | None = None, families: list[str] | None = None) -> int
             print(f"  {r['family']}: {r['kernel']} {r['config']}: {r['error']}")
     print(f"\nCUDA extension: {report['cuda_note']}")
     if report["cuda"]:
-        print(_table(report["cuda"], ["kernel", "arch", "reg", "stack", "shared", "local"]))
+        shown = [{**r, "kernel": _display_name(r["kernel"])} for r in report["cuda"]]
+        print(_table(shown, ["kernel", "arch", "reg", "stack", "shared", "local"]))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=1)

@@ -45,6 +45,18 @@ def to_out_dtype(x, DTYPE: tl.constexpr, ROUND_ON_GRID: tl.constexpr):
 
 
 @triton.jit
+def as_mask(m):
+    """``m`` as a load/store mask whose data is boolean in the interpreter too.
+
+    The interpreter types a scalar comparison (``p == 0``, ``ti != tj``) like its int32 operand,
+    so combining it with a block (``(i < n) & (p == 0)``) splats it to int32 data, which the
+    interpreter's load/store reject from triton 3.9 on ("mask has unsupported dtype"). ``!= 0``
+    is a fresh comparison with boolean data; on the GPU it is an i1 compare that folds away.
+    """
+    return m != 0
+
+
+@triton.jit
 def ceil_pow2(x):
     """Smallest power of two >= x for positive normal fp32 x (UE8M0 scales), exactly:
     keep the exponent when the mantissa is zero, else bump it."""

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from triton_ops import CompileSpec, interpreting
-from triton_ops._common import to_out_dtype
+from triton_ops._common import as_mask, to_out_dtype
 
 # Hopper tiles: 128x128 outputs, 64-deep K steps, 8 warps (4 warps spill at 128x128, KNOWLEDGE §2).
 GPU_BLOCK, GPU_BLOCK_K, GPU_WARPS, GPU_STAGES = 128, 64, 8, 3
@@ -87,7 +87,7 @@ def _sym_gram_kernel(
     out = to_out_dtype(acc, o_ptr.dtype.element_ty, INTERPRETER)
     o_base = o_ptr + pid_b * o_b_stride
     tl.store(o_base + rows[:, None].to(tl.int64) * o_r_stride + cols[None, :] * o_c_stride, out, mask=mask)
-    mirror_mask = (cols < M)[:, None] & (rows < M)[None, :] & (ti != tj)
+    mirror_mask = as_mask((cols < M)[:, None] & (rows < M)[None, :] & (ti != tj))
     tl.store(
         o_base + cols[:, None].to(tl.int64) * o_r_stride + rows[None, :] * o_c_stride,
         tl.trans(out), mask=mirror_mask,

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from triton_ops import CompileSpec, interpreting
+from triton_ops._common import as_mask
 
 _INT32_MIN = tl.constexpr(-2147483648)
 
@@ -108,7 +109,7 @@ def _draw_weights(q_row, p_row, idx, mask, has_p, x_k, use_q, HAS_DRAFT: tl.cons
     draft's token ``x_k``), or of q itself when ``use_q``."""
     q = tl.load(q_row + idx, mask=mask, other=0.0).to(tl.float32)
     if HAS_DRAFT:
-        p = tl.load(p_row + idx, mask=mask & has_p & (use_q == 0), other=0.0).to(tl.float32)
+        p = tl.load(p_row + idx, mask=as_mask(mask & has_p & (use_q == 0)), other=0.0).to(tl.float32)
         r = q - p
     else:
         r = tl.where((idx == x_k) & (use_q == 0), 0.0, q)

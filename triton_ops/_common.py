@@ -25,7 +25,7 @@ def round_to_e4m3_grid(x):
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
     ax = tl.abs(x)
     sub = (ax + 16384.0) - 16384.0
-    sub = tl.where(bits < 0, -sub, sub)
+    sub = tl.where(bits < 0, sub * -1.0, sub)  # not -sub: triton 3.6 lowers it to 0 - sub (+0, not -0)
     return tl.minimum(tl.maximum(tl.where(ax < 0.015625, sub, normal), -448.0), 448.0)
 
 

@@ -152,10 +152,13 @@ class Op:
         return backend
 
     def _unavailable(self, backend: str, device: torch.device) -> str:
+        from triton_ops import interpreter_defect, interpreting
+
+        defect = interpreter_defect() if device.type == "cpu" and interpreting() else None
         why = {
             "cuda": "it needs CUDA tensors"
             + ("" if "cuda" in self.impls else " and the glm45_ops._C extension built with this op's kernel"),
-            "triton": "it needs triton, and CUDA tensors or TRITON_INTERPRET=1 for CPU tensors"
+            "triton": (defect or "it needs triton, and CUDA tensors or TRITON_INTERPRET=1 for CPU tensors")
             if "triton" in self.impls
             else "this op has no Triton kernel",
         }.get(backend, "")

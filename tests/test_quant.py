@@ -276,6 +276,27 @@ def test_dispatch_and_backend_choice(gen, monkeypatch):
         assert calls == [1]
 
 
+def test_broken_interpreter_is_refused_with_its_reason(monkeypatch):
+    """Triton 3.6's interpreter fails under numpy >= 2.4: on CPU the triton backend is then
+    unavailable (its tests skip) and the error says why; under numpy 2.3 it runs."""
+    import numpy
+    import triton
+
+    import triton_ops
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.0")
+    assert not triton_ops.triton_usable(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=r"'triton' is unavailable on cpu: the interpreter of triton 3\.6\.0 fails"):
+        quant.per_token_group_quant_fp8(torch.ones(1, 128), backend="triton")
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert triton_ops.triton_usable(torch.device("cpu"))
+    monkeypatch.setattr(triton, "__version__", "3.8.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.0")
+    assert triton_ops.triton_usable(torch.device("cpu"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------

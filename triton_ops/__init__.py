@@ -24,6 +24,14 @@ arguments *and* for int arguments the launcher passes as 1 (Triton's JIT special
 constants, so compile them that way). Pointers are assumed 16-byte aligned and the ``aligned``
 ints divisible by 16, as the JIT specializes them for typical calls; this decides vectorization.
 Match what the launcher passes on the GPU (``interpreting()`` False), at the shapes that matter.
+
+Interpreter versions (the GPU path is unaffected by all of this): the tests pass with triton
+3.8 and 3.9, and with 3.6 under numpy < 2.4. Triton 3.6's interpreter converts loop bounds with
+``int()`` of a 1-element array, which numpy >= 2.4 rejects (triton-lang/triton#9171; 3.8 has the
+fix), so :func:`triton_usable` refuses the interpreter there and the Triton CPU tests skip. Two
+version differences are handled in the kernels: from 3.9 on, the interpreter's loads and stores
+reject non-boolean masks (``_common.as_mask``), and 3.6 lowers float ``-x`` to ``0 - x``, which
+loses the sign of zero (``_common.round_to_e4m3_grid`` multiplies by -1 instead).
 """
 
 from __future__ import annotations
@@ -57,10 +65,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+def interpreter_defect() -> str | None:
+    """Why this install's Triton interpreter cannot run our kernels, or None when it can."""
+    if not HAVE_TRITON:
+        return None
+    import numpy
+
+    if _major_minor(triton.__version__) < (3, 8) and _major_minor(numpy.__version__) >= (2, 4):
+        return (f"the interpreter of triton {triton.__version__} fails under numpy {numpy.__version__} "
+                "(int() of 1-element arrays, triton-lang/triton#9171): use triton >= 3.8 or numpy < 2.4")
+    return None
+
+
 def triton_usable(device: torch.device) -> bool:
     """Whether a Triton kernel can run on tensors of ``device`` in this process."""
     if not HAVE_TRITON:
         return False
     if device.type == "cuda":
         return not interpreting()
-    return device.type == "cpu" and interpreting()
+    return device.type == "cpu" and interpreting() and interpreter_defect() is None

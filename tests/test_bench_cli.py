@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from conftest import cpu_backends
 from glm45_ops.bench import cases as cases_mod
 from glm45_ops.bench import cli
 from glm45_ops.bench.case import BenchContext
@@ -59,6 +60,7 @@ def test_quant_torch_cpu_table_json_csv_plot(tmp_path, capsys, one_thread):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs a usable Triton interpreter")
 def test_refcheck_triton_interpreter_and_skips(tmp_path, capsys, one_thread):
     names = ["per_token_group_quant_fp8 M=64", "dequant_fp8 activations 1x128"]
     out_json = tmp_path / "r.json"

@@ -30,6 +30,19 @@ def round_to_e4m3_grid(x):
 
 
 @triton.jit
+def e4m3_bits(y, ROUND_ON_GRID: tl.constexpr):
+    """fp32 ``y`` (already on the e4m3 grid or NaN) -> its e4m3fn byte as uint8.
+
+    The interpreter's fp32 -> fp8 cast turns NaN into a finite byte; the NaN byte 0x7f is put
+    back from the fp32 value there. On the GPU, ``cvt.rn.satfinite`` keeps NaN and the bitcast is free.
+    """
+    bits = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    if ROUND_ON_GRID:
+        bits = tl.where(y != y, 0x7F, bits).to(tl.uint8)
+    return bits
+
+
+@triton.jit
 def to_out_dtype(x, DTYPE: tl.constexpr, ROUND_ON_GRID: tl.constexpr):
     """fp32 -> DTYPE with round-to-nearest-even on every backend.
 

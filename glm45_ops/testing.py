@@ -1,0 +1,120 @@
+"""What the tests and ``glm45-bench --refcheck`` share: one metric, one equality, one poison.
+
+* :func:`calc_diff`: DeepGEMM's similarity ``1 - 2 sum(xy) / sum(x^2 + y^2)`` (0 when equal;
+  DeepGEMM holds FP8 GEMMs to < 1e-3), in float64.
+* :func:`bits_differ` / :func:`assert_bit_equal`: equality of bit patterns, where any NaN matches
+  any NaN (a NaN's sign and payload are not part of any op's contract) and ``-0.0 != 0.0``.
+* :func:`outputs_differ`: the same over an op's (nested) outputs, or the op's own ``compare``.
+* :func:`poison` / :func:`poisoned_outputs`: outputs the ops allocate start as garbage (NaN for
+  floats, the e4m3 NaN byte, ``12345`` for ints), on every backend: the registry's alloc hook for
+  the Python backends, and the CUDA caching allocator's free blocks for the C++ kernels, which
+  allocate their outputs themselves.
+* :func:`one_thread`: torch on one CPU thread (tiny ops on a shared 2-core box run faster).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+
+from glm45_ops import _registry
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepGEMM's similarity metric in float64: 0 when ``x == y``, ~1e-5 for a good FP8 GEMM."""
+    x, y = x.double(), y.double()
+    denom = (x * x + y * y).sum().item()
+    return 0.0 if denom == 0 else 1 - 2 * (x * y).sum().item() / denom
+
+
+def bits_differ(got: torch.Tensor, want: torch.Tensor) -> str | None:
+    """None if ``got`` equals ``want`` bit for bit (NaN matching NaN; strides may differ), else why."""
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"{got.dtype}{list(got.shape)} vs {want.dtype}{list(want.shape)}"
+    g, w = got.detach().cpu(), want.detach().cpu()
+    if g.dtype == torch.bool:
+        g, w = g.to(torch.uint8), w.to(torch.uint8)
+    same = g.contiguous().view(_INT_VIEW[g.element_size()]) == w.contiguous().view(_INT_VIEW[w.element_size()])
+    if g.is_floating_point():
+        nan_g, nan_w = torch.isnan(g.float()), torch.isnan(w.float())
+        same = (same & ~nan_g & ~nan_w) | (nan_g & nan_w)
+    bad = int((~same).sum())
+    if bad:
+        i = int((~same).flatten().nonzero()[0, 0])
+        return (f"{bad} of {g.numel()} elements differ (first at flat index {i}: "
+                f"{g.flatten()[i].item()!r} vs {w.flatten()[i].item()!r})")
+    return None
+
+
+def assert_bit_equal(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+    why = bits_differ(got, want)
+    assert why is None, f"{what}: {why}"
+
+
+def _leaves(x: Any) -> list:
+    if isinstance(x, (list, tuple)):
+        return [t for item in x for t in _leaves(item)]
+    return [x]
+
+
+def outputs_differ(got: Any, want: Any, op: "_registry.Op | None" = None, args: tuple = ()) -> str | None:
+    """None if ``got`` agrees with the reference outputs ``want``: by ``op.compare`` when the op
+    has one (a tolerance its docstring justifies), else bit for bit, output by output."""
+    if op is not None and op.compare is not None:
+        return op.compare(got, want, args)
+    gs, ws = _leaves(got), _leaves(want)
+    if len(gs) != len(ws):
+        return f"{len(gs)} outputs, reference has {len(ws)}"
+    for i, (g, w) in enumerate(zip(gs, ws)):
+        if isinstance(g, torch.Tensor) and isinstance(w, torch.Tensor):
+            why = bits_differ(g, w)
+        else:
+            why = None if g == w else f"{g!r} vs {w!r}"
+        if why:
+            return f"output {i}: {why}"
+    return None
+
+
+def poison(t: Any) -> Any:
+    """Fill a tensor (or every tensor of a tuple) with garbage its kernel must overwrite."""
+    for x in _leaves(t):
+        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+            continue
+        if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            x.view(torch.uint8).fill_(0x7F)  # NaN in e4m3fn, and a large value in e5m2
+        elif x.is_floating_point():
+            x.fill_(float("nan"))
+        elif x.dtype == torch.bool:
+            x.fill_(True)
+        else:
+            x.fill_(12345)
+    return t
+
+
+def poison_cuda_cache(nbytes: int) -> None:
+    """Leave ``nbytes`` of 0x7F garbage in the CUDA caching allocator's free blocks, so outputs a
+    C++ kernel allocates right after start as garbage, not zeros."""
+    if torch.cuda.is_available() and nbytes > 0:
+        torch.empty(nbytes, dtype=torch.uint8, device="cuda").fill_(0x7F)
+
+
+@contextlib.contextmanager
+def poisoned_outputs(cuda_bytes: int = 1 << 24) -> Iterator[None]:
+    """Every output an op allocates inside the block starts as garbage (see the module docstring)."""
+    poison_cuda_cache(cuda_bytes)
+    with _registry.alloc_hook(poison):
+        yield
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -24,20 +24,20 @@ _DEQUANT_TILE, _DEQUANT_WARPS = (32, 128), 4
 
 
 @triton.jit
-def _scale_from_amax(amax, has_nan, eps, UE8M0: tl.constexpr):
-    """The block's scale from its finite amax; NaN when the block holds a NaN (reference docstring)."""
-    scale = tl.math.div_rn(tl.maximum(amax, eps), 448.0)
-    if UE8M0:
-        scale = ceil_pow2(scale)
-    return tl.where(has_nan, float("nan"), scale)
+def _amax_key(x):
+    """|x| with +-inf as 0 and NaN as +inf: its max is the reference's finite amax, or +inf when
+    the block holds a NaN (one reduction serves both, which keeps the 128x128 block in registers)."""
+    ax = tl.abs(x)
+    return tl.where(x != x, float("inf"), tl.where(ax == float("inf"), 0.0, ax))
 
 
 @triton.jit
-def _finite_abs(x):
-    """(|x| with NaN and +-inf as 0, isnan(x)): the max of the first is the reference's amax."""
-    ax = tl.abs(x)
-    isnan = x != x
-    return tl.where(isnan | (ax == float("inf")), 0.0, ax), isnan
+def _scale_from_amax(amax_key, eps, UE8M0: tl.constexpr):
+    """The block's scale from the max of ``_amax_key``: NaN when the block holds a NaN."""
+    scale = tl.math.div_rn(tl.maximum(amax_key, eps), 448.0)
+    if UE8M0:
+        scale = ceil_pow2(scale)
+    return tl.where(amax_key == float("inf"), float("nan"), scale)
 
 
 @triton.jit
@@ -70,8 +70,7 @@ def _per_token_group_quant_fp8_kernel(
     col = gcol[:, None] * GROUP + cols[None, :]
     mask = gmask[:, None] & (cols < GROUP)[None, :] & (col < K)
     x = tl.load(x_ptr + row[:, None] * x_row_stride + col, mask=mask, other=0.0).to(tl.float32)
-    ax, isnan = _finite_abs(x)
-    scale = _scale_from_amax(tl.max(ax, axis=1), tl.max(isnan.to(tl.int32), axis=1) > 0, eps, UE8M0)
+    scale = _scale_from_amax(tl.max(_amax_key(x), axis=1), eps, UE8M0)
     y = _to_e4m3_grid(x, scale[:, None], ROUND_ON_GRID)
     tl.store(q_ptr + row[:, None] * q_row_stride + col, e4m3_bits(y, ROUND_ON_GRID), mask=mask)
     tl.store(s_ptr + row * s_row_stride + gcol * s_col_stride, scale, mask=gmask)
@@ -98,10 +97,8 @@ def _per_block_quant_fp8_kernel(
     mask = (in_block & (rows < N))[:, None] & (in_block & (cols < K))[None, :]
     w = tl.load(w_ptr + pid_e * w_e_stride + rows[:, None] * w_n_stride + cols[None, :], mask=mask, other=0.0)
     w = w.to(tl.float32)
-    ax, isnan = _finite_abs(w)
     # max is exact, so the reduction order cannot change the result
-    has_nan = tl.max(tl.max(isnan.to(tl.int32), axis=1), axis=0) > 0
-    scale = _scale_from_amax(tl.max(tl.max(ax, axis=1), axis=0), has_nan, eps, UE8M0)
+    scale = _scale_from_amax(tl.max(tl.max(_amax_key(w), axis=1), axis=0), eps, UE8M0)
     y = _to_e4m3_grid(w, scale, ROUND_ON_GRID)
     tl.store(q_ptr + pid_e * q_e_stride + rows[:, None] * q_n_stride + cols[None, :], e4m3_bits(y, ROUND_ON_GRID), mask=mask)
     tl.store(s_ptr + pid_e * s_e_stride + pid_n * s_n_stride + pid_k, scale)

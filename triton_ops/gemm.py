@@ -27,6 +27,24 @@ BLOCK_K = 128  # = the scale granularity along K: one promotion per K block
 
 
 @triton.jit
+def _promote_slice(acc, a_ptrs, b_ptrs, a_s_ptrs, b_s_ptrs, mask_a, mask_b, mask_m, mask_n, DECODE_NAN: tl.constexpr):
+    """``acc`` plus one K slice: an fp8 ``tl.dot`` into a fresh fp32 partial, times its scales."""
+    a = tl.load(a_ptrs, mask=mask_a, other=0.0)
+    b = tl.load(b_ptrs, mask=mask_b, other=0.0)
+    a_s = tl.load(a_s_ptrs, mask=mask_m, other=0.0)
+    b_s = tl.load(b_s_ptrs, mask=mask_n, other=0.0)
+    if DECODE_NAN:
+        # the interpreter decodes the e4m3 NaN byte (0x7f/0xff) as +-480: carry it into the
+        # row's or column's scale instead, which makes the same outputs NaN as the GPU's dot does
+        a_nan = tl.max(((a.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F).to(tl.int32), axis=1)
+        b_nan = tl.max(((b.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F).to(tl.int32), axis=0)
+        a_s = tl.where(a_nan != 0, float("nan"), a_s)
+        b_s = tl.where(b_nan != 0, float("nan"), b_s)
+    partial = tl.dot(a, b, out_dtype=tl.float32)
+    return acc + partial * a_s[:, None] * b_s[None, :]
+
+
+@triton.jit
 def _fp8_block_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,
     M, N, K,
@@ -54,16 +72,20 @@ def _fp8_block_gemm_kernel(
     as_ptrs = as_ptr + offs_m * stride_asm
     bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * stride_bsn
 
+    # Full K slices without a K mask (the hot loop), then the partial last slice, if any, with
+    # its columns past K loaded as zeros: still one promotion per scale block.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in tl.range(0, K // BLOCK_K, num_stages=NUM_STAGES):
-        a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
-        a_s = tl.load(as_ptrs + kb * stride_ask, mask=mask_m, other=0.0)
-        b_s = tl.load(bs_ptrs + kb * stride_bsk, mask=mask_n, other=0.0)
-        partial = tl.dot(a, b, out_dtype=tl.float32)
-        acc += partial * a_s[:, None] * b_s[None, :]
+    full = K // BLOCK_K
+    for kb in tl.range(0, full, num_stages=NUM_STAGES):
+        acc = _promote_slice(acc, a_ptrs, b_ptrs, as_ptrs + kb * stride_ask, bs_ptrs + kb * stride_bsk,
+                             mask_m[:, None], mask_n[None, :], mask_m, mask_n, ROUND_ON_GRID)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    tail = K - full * BLOCK_K
+    if tail > 0:
+        acc = _promote_slice(acc, a_ptrs, b_ptrs, as_ptrs + full * stride_ask, bs_ptrs + full * stride_bsk,
+                             mask_m[:, None] & (offs_k < tail)[None, :], (offs_k < tail)[:, None] & mask_n[None, :],
+                             mask_m, mask_n, ROUND_ON_GRID)
 
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, to_out_dtype(acc, c_ptr.dtype.element_ty, ROUND_ON_GRID), mask=mask_m[:, None] & mask_n[None, :])

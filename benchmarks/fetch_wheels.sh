@@ -10,6 +10,7 @@ get() {
     --platform manylinux2014_x86_64 --platform any "$@" 2>&1 | grep -v "^WARNING: Location" || true
 }
 get --no-deps nvidia-cutlass   # only its headers are needed (its deps include scipy: over the carry limit)
+get build "setuptools>=77"     # gpu_check.sh builds the sdist offline (pyproject needs setuptools>=77)
 get hypothesis matplotlib
 rm -f wheels/numpy-*           # the image has numpy
 du -sh wheels && ls wheels

@@ -3,13 +3,18 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
-# Installs wheels carried in ./wheels (git-ignored: nvidia-cutlass for the CUTLASS headers, and
-# matplotlib / hypothesis if the tests and plots need them), builds glm45_ops._C for sm_90a, runs
-# the `gpu` tests, measures the ceilings, benchmarks every family with refchecks, and writes the
-# compile report. Every step has a timeout and a status line in OUTDIR/summary.txt; a failing
+# Installs wheels carried in ./wheels (git-ignored, made by fetch_wheels.sh: nvidia-cutlass for
+# the CUTLASS headers, setuptools and build for the sdist, matplotlib / hypothesis for plots and
+# tests), then installs glm45-ops as a user does and CI does: builds the sdist and installs it
+# non-editable, compiling glm45_ops._C for sm_90a. It runs the `gpu` tests against that installed
+# copy, measures the ceilings, benchmarks every family with refchecks, and writes the compile
+# report. Python runs with -P so the checkout (the working directory) never shadows the installed
+# package; only if the install fails do the later steps fall back to the source tree (Triton and
+# torch backends). Every step has a timeout and a status line in OUTDIR/summary.txt; a failing
 # step never stops the next. The whole run keeps inside GPU_CHECK_BUDGET_S (default 420 s): a
 # session's device time is 15 minutes including the machine's start, and must leave room for
 # one rerun. `-m "gpu and not slow"` by default; GPU_CHECK_PYTEST_MARK="gpu" adds the slow ones.
+# GPU_CHECK_SKIP_BUILD=1 reuses what an earlier run on the same (warm) machine installed.
 set -u
 OUT=${1:?usage: gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -20,8 +25,7 @@ PY=${PYTHON:-$(command -v python || command -v python3)}
 BUDGET=${GPU_CHECK_BUDGET_S:-420}
 MARK=${GPU_CHECK_PYTEST_MARK:-gpu and not slow}
 START=$(date +%s)
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # runs from the tree even if the install fails
-BENCH="$PY -m glm45_ops.bench.cli"
+BENCH="$PY -P -m glm45_ops.bench.cli"
 : > "$OUT/summary.txt"
 
 # step NAME TIMEOUT_S CMD...: run CMD with a timeout (capped by what is left of the budget),
@@ -42,6 +46,7 @@ step() {
   local status="ok"
   if (( rc == 124 || rc == 137 )); then status="TIMEOUT"; elif (( rc != 0 )); then status="FAIL rc=$rc"; fi
   echo "$name: $status ($(( $(date +%s) - t0 ))s)" | tee -a "$OUT/summary.txt"
+  return $rc
 }
 
 step date 5 date -u
@@ -54,10 +59,23 @@ fi
 if [[ "${GPU_CHECK_SKIP_BUILD:-0}" == 1 ]]; then
   echo "build: SKIPPED (GPU_CHECK_SKIP_BUILD=1)" | tee -a "$OUT/summary.txt"
 else
-  step build 180 env TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 "$PY" -m pip install --no-build-isolation --no-deps -e .
+  SDIST=$(mktemp -d)
+  if step sdist 30 "$PY" -m build --sdist --no-isolation -o "$SDIST" .; then
+    step build 180 env TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 "$PY" -m pip install --no-build-isolation --no-deps \
+      --force-reinstall "$SDIST"/glm45_ops-*.tar.gz
+  else
+    echo "build: SKIPPED (no sdist)" | tee -a "$OUT/summary.txt"
+  fi
+fi
+# From / so that the working directory cannot stand in for the installed package.
+if (cd / && timeout 60 "$PY" -c "import glm45_ops, triton_ops") > /dev/null 2>&1; then
+  export GLM45_REQUIRE_INSTALLED=1 GLM45_REQUIRE_EXTENSION=1  # tests/test_install.py, tests/test_extension.py
+else
+  echo "installed copy: not importable, later steps run the source tree" | tee -a "$OUT/summary.txt"
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 fi
 step info 60 $BENCH --info
-step pytest_gpu 100 "$PY" -m pytest -q --maxfail=25 -m "$MARK" tests --junitxml="$OUT/pytest_gpu.xml"
+step pytest_gpu 100 "$PY" -P -m pytest -q --maxfail=25 -m "($MARK) or installed" tests --junitxml="$OUT/pytest_gpu.xml"
 step ceilings 30 $BENCH ceilings --json "$OUT/ceilings.json"
 CEIL=()
 [[ -s "$OUT/ceilings.json" ]] && CEIL=(--ceilings "$OUT/ceilings.json")

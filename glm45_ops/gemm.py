@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from glm45_ops._registry import Op
-from glm45_ops.quant import per_token_group_quant_fp8
+from glm45_ops._registry import ErrorInput, Op, Sample
+from glm45_ops.quant import per_block_quant_fp8, per_token_group_quant_fp8
 from glm45_ops.reference import gemm as ref
 from glm45_ops.reference.gemm import GEMM_BLOCK
 from glm45_ops.reference.quant import FP8_DTYPE
+from glm45_ops.testing import calc_diff
 
 __all__ = ["GEMM_BLOCK", "fp8_block_gemm", "fp8_linear", "scale_layout"]
 
@@ -113,6 +114,170 @@ def _gemm_launch(out, a, a_scale, b, b_scale, out_dtype):
     tg.fp8_block_gemm(a, a_scale, b, b_scale, out)
 
 
+# ---------------------------------------------------------------------------------------------
+# Numerics contract: the float64 oracle and the error every backend is held to
+# ---------------------------------------------------------------------------------------------
+
+# Tolerances against the float64 oracle y = deq(a) @ deq(b)^T, per output, with S = sum_k |a_k b_k|
+# (dequantized) and u the unit roundoff of out_dtype (2^-8 bf16, 0 fp32: one rounding at the end):
+#     |out - y| <= u |y| + (1 + u) gamma S
+# * fp32 accumulation (torch reference, CPU interpreter): any fp32 sum of K terms in any order,
+#   plus the per-slice scale multiplies and promotions (a few roundings more), is off by at most
+#   (K + 8) 2^-24 S (Higham's gamma_n bound with n = K + 8).
+# * Hopper FP8 tensor cores (Triton and CUTLASS on sm_90): inside each 128-wide K slice the
+#   accumulator keeps only ~14 significant bits (DeepSeek-V3, sec. 3.3.2), and Triton's default
+#   max_num_imprecise_acc (2^30 on sm_90) leaves the whole 128-K tl.dot at that width; the
+#   kernels promote into fp32 only between slices. A 14-bit truncating accumulator loses less than
+#   2^-13 of its magnitude (<= the slice's S) per addition. The adder's internal grouping is not
+#   documented; taking the smallest fused group reported for FP8 (a 4-way dot product), a
+#   128-wide slice is at most 32 additions: gamma_tc = 32 * 2^-13 = 2^-8 of each slice's S, and
+#   the slices' S add up to S. That is ~480x the fp32 bound at K = 128, above the 2-65x that a
+#   simulation of the tests' operands gave, and consistent with DeepSeek-V3's ~2% maximum
+#   relative error at K = 4096 without promotion (1024 additions: <= 12.5% of S).
+# Both bounds also require DeepGEMM's similarity calc_diff(out, y) < 1e-4 over the finite
+# outputs (~1e-7 for fp32 accumulation into bf16, ~1e-6 at 14 bits; a wrong scale index gives
+# >1e-2): the elementwise bound is a worst case, the similarity catches a small bias everywhere.
+_FP32_GAMMA_EXTRA = 8  # roundings beyond the K additions: scale multiplies, promotion, output
+_TC_ACC_BITS = 14
+_TC_ADDS_PER_SLICE = GEMM_BLOCK // 4  # 4-way fused FP8 dot products per 128-wide slice
+SIMILARITY_LIMIT = 1e-4
+
+
+def tensor_core_accumulation(device: torch.device) -> bool:
+    """Whether the GEMM kernels for tensors on ``device`` accumulate each K slice at the tensor
+    cores' ~14 bits (CUDA: Triton and CUTLASS on sm_90) rather than in fp32 (CPU)."""
+    return device.type == "cuda"
+
+
+def oracle(a, a_scale, b, b_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``(deq(a) @ deq(b)^T, |deq(a)| @ |deq(b)|^T)`` on the operands' device (the
+    dequantization by block index written out again, independent of the reference's code)."""
+    m, k = a.shape
+    kb = torch.arange(k, device=a.device) // GEMM_BLOCK
+    nb = torch.arange(b.shape[0], device=a.device) // GEMM_BLOCK
+    a64 = a.double() * a_scale.double()[:, kb]
+    b64 = b.double() * b_scale.double()[nb][:, kb]
+    return a64 @ b64.t(), a64.abs() @ b64.abs().t()
+
+
+def error_bound(a, a_scale, b, b_scale, out_dtype, tensor_cores: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, bound)`` in float64: the oracle and the largest ``|out - y|`` allowed per output
+    (derivation in the comment above this function)."""
+    y, s = oracle(a, a_scale, b, b_scale)
+    gamma = (a.shape[1] + _FP32_GAMMA_EXTRA) * 2.0**-24
+    if tensor_cores:
+        gamma += _TC_ADDS_PER_SLICE * 2.0 ** (1 - _TC_ACC_BITS)
+    u = 2.0**-8 if out_dtype == torch.bfloat16 else 0.0
+    return y, u * y.abs() + (1 + u) * gamma * s
+
+
+def nonfinite_outputs(a, a_scale, b, b_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(nan, nonfinite)`` boolean ``[M, N]``: where the reference's definition makes the output
+    NaN (a NaN byte or scale in its row or column), and where non-finite (those, plus any touched
+    by an infinite scale)."""
+    nb = torch.arange(b.shape[0], device=b.device) // GEMM_BLOCK
+    row_nan = torch.isnan(a.float()).any(1) | torch.isnan(a_scale).any(1)
+    col_nan = torch.isnan(b.float()).any(1) | torch.isnan(b_scale).any(1)[nb]
+    row_inf = torch.isinf(a_scale).any(1)
+    col_inf = torch.isinf(b_scale).any(1)[nb]
+    nan = row_nan[:, None] | col_nan[None, :]
+    return nan, nan | row_inf[:, None] | col_inf[None, :]
+
+
+def _compare(got, want, args) -> str | None:
+    """Backends against the definition: the same non-finite outputs as the reference (NaN exactly
+    where a NaN reaches), and the finite ones within :func:`error_bound` of the float64 oracle
+    (the tensor-core bound for CUDA tensors) with calc_diff below ``SIMILARITY_LIMIT``."""
+    a, a_scale, b, b_scale, out_dtype = args
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"{got.dtype}{list(got.shape)} vs reference {want.dtype}{list(want.shape)}"
+    nan, nonfinite = nonfinite_outputs(a, a_scale, b, b_scale)
+    for name, t in (("output", got), ("reference", want)):
+        t = t.to(a.device)
+        if not torch.equal(~torch.isfinite(t), nonfinite):
+            return f"{name}: non-finite at {int((~torch.isfinite(t)).sum())} outputs, the definition says {int(nonfinite.sum())}"
+        if not torch.isnan(t[nan]).all():
+            return f"{name}: {int((~torch.isnan(t[nan])).sum())} outputs reached by a NaN are not NaN"
+    y, bound = error_bound(a, a_scale, b, b_scale, out_dtype, tensor_core_accumulation(a.device))
+    finite = ~nonfinite
+    g, y, bound = got.to(a.device).double()[finite], y[finite], bound[finite]
+    excess = (g - y).abs() - bound
+    if excess.numel() and excess.max() > 0:
+        i = int(excess.argmax())
+        return f"{int((excess > 0).sum())} outputs beyond the bound, worst {g[i].item()!r} vs oracle {y[i].item()!r} (bound {bound[i].item():.3g})"
+    diff = calc_diff(g, y)
+    if diff >= SIMILARITY_LIMIT:
+        return f"calc_diff {diff:.3g} >= {SIMILARITY_LIMIT}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Contract tables: samples and bad inputs
+# ---------------------------------------------------------------------------------------------
+
+def _operands(m, n, k, gen, device, *, mn=False, ue8m0=False, nan_at=None):
+    """Quantized random operands (torch reference quantizers on ``gen``'s device), their 1x128 /
+    128x128 blocks spanning ~6 decades so that a mixed-up scale index shows; ``nan_at`` puts a
+    NaN into that activation, so its group's scale is NaN."""
+    d = gen.device
+    x = torch.randn(m, k, generator=gen, device=d) * torch.logspace(-3, 3, k, device=d)[torch.randperm(k, generator=gen, device=d)]
+    w = torch.randn(n, k, generator=gen, device=d) * torch.logspace(-3, 3, n, device=d).unsqueeze(1)
+    if nan_at is not None:
+        x[nan_at] = float("nan")
+    a, a_scale = per_token_group_quant_fp8(x, GEMM_BLOCK, 1e-4, ue8m0, mn, backend="torch")
+    b, b_scale = per_block_quant_fp8(w, GEMM_BLOCK, 1e-4, ue8m0, backend="torch")
+    return tuple(t.to(device) for t in (a, a_scale, b, b_scale))
+
+
+def _gemm_samples(device, gen):
+    ops = lambda *shape, **kw: _operands(*shape, gen, device, **kw)  # noqa: E731
+    a, a_s, b, b_s = ops(4, 200, 176, mn=True, nan_at=(0, 5))
+    b_s[1, 1] = float("inf")  # columns 128..199, second K block
+    a2, a2_s, b2, b2_s = ops(3, 130, 192)
+    b2.view(torch.uint8)[7, 150] = 0x7F  # the e4m3 NaN byte, under a finite scale
+    a2_s[1, 0] = -float("inf")
+    return [
+        Sample((*ops(5, 257, 192), torch.bfloat16), note="K=192 (GLM-4.5 TP8), N odd, row-major a_scale"),
+        Sample((*ops(1, 130, 176, mn=True), torch.float32), note="K=176 (GLM-4.5-Air TP8), M=1, fp32 out"),
+        Sample(ops(7, 129, 384, mn=True, ue8m0=True), note="UE8M0 scales, 3 full K blocks"),
+        Sample((*ops(9, 33, 16), torch.float32), note="K=16: one partial K block"),
+        Sample((torch.empty(0, 192, dtype=FP8_DTYPE, device=device), torch.empty(2, 4, device=device).t()[:0],
+                *ops(1, 40, 192)[2:]), tag="empty", note="M=0, MN-major a_scale"),
+        Sample((a, a_s, b, b_s), tag="nonfinite", note="NaN activation group, +inf weight scale"),
+        Sample((a2, a2_s, b2, b2_s, torch.float32), tag="nonfinite", note="NaN weight byte, -inf activation scale"),
+    ]
+
+
+def _gemm_errors(device):
+    a, a_s, b, b_s = (torch.empty(8, 256, dtype=FP8_DTYPE, device=device).fill_(1.0), torch.ones(8, 2, device=device),
+                      torch.empty(130, 256, dtype=FP8_DTYPE, device=device).fill_(1.0), torch.ones(2, 2, device=device))
+    fp8 = lambda *shape: torch.zeros(shape, device=device).to(FP8_DTYPE)  # noqa: E731
+    return [
+        ErrorInput((a.float(), a_s, b, b_s), match="a must be float8_e4m3fn, got torch.float32"),
+        ErrorInput((a, a_s, b.to(torch.float8_e5m2), b_s), match="b must be float8_e4m3fn, got torch.float8_e5m2"),
+        ErrorInput((a.view(2, 4, 256), a_s, b, b_s), match=r"a must be 2-D, got shape \(2, 4, 256\)"),
+        ErrorInput((a, a_s, b.view(-1), b_s), match=r"b must be 2-D, got shape \(33280,\)"),
+        ErrorInput((fp8(256, 8).t(), a_s, b, b_s), match=r"a must have a unit last stride and a row stride that is a multiple of 16 \(TMA\), got strides \(1, 8\)"),
+        ErrorInput((a, a_s, fp8(130, 264)[:, :256], b_s), match=r"b must have a unit last stride and a row stride that is a multiple of 16 \(TMA\), got strides \(264, 1\)"),
+        ErrorInput((a, a_s, b[:, :128], b_s[:, :1]), match=r"a \[M, K\] and b \[N, K\] must share K, got a \(8, 256\) and b \(130, 128\)"),
+        ErrorInput((fp8(2, 112)[:, :100], a_s[:2, :1], fp8(3, 112)[:, :100], b_s[:1, :1]), match=r"K \(a.shape\[1\] = 100\) must be a positive multiple of 16 \(TMA\)"),
+        ErrorInput((fp8(2, 16)[:, :0], a_s[:2, :0], fp8(3, 16)[:, :0], b_s[:1, :0]), match=r"K \(a.shape\[1\] = 0\) must be a positive multiple of 16 \(TMA\)"),
+        ErrorInput((a, a_s, b[:0], b_s[:0]), match=r"b must have at least one row \(N >= 1\)"),
+        ErrorInput((a, a_s.double(), b, b_s), match="a_scale must be float32, got torch.float64"),
+        ErrorInput((a, a_s[:7], b, b_s), match=r"a_scale must have shape \(8, 2\), got \(7, 2\)"),
+        ErrorInput((a[:, :192], a_s[:, :1], b[:, :192], b_s), match=r"a_scale must have shape \(8, 2\), got \(8, 1\)"),
+        ErrorInput((a, torch.ones(16, device=device).as_strided((8, 2), (1, 4)), b, b_s),
+                   match=r"a_scale must be row-major \(unit stride along K/128\) or MN-major \(unit stride along M, M stride >= M\), got strides \(1, 4\)"),
+        ErrorInput((a, a_s, b, b_s.half()), match="b_scale must be float32, got torch.float16"),
+        ErrorInput((a, a_s, b, b_s[:1]), match=r"b_scale must have shape \(2, 2\), got \(1, 2\)"),
+        ErrorInput((a, a_s, b, b_s.t().contiguous().t()), match=r"b_scale must have a unit last stride, got strides \(1, 2\)"),
+        ErrorInput((a, a_s, b, b_s, torch.float16), match="out_dtype must be bfloat16 or float32, got torch.float16"),
+        ErrorInput((a, a_s, b, b_s.to("meta")), match=r"a, a_scale, b and b_scale must be on one device, got \["),
+        ErrorInput(("a", a_s, b, b_s), exc=TypeError, match="a must be torch.Tensor, got str", raw=False),
+        ErrorInput((a, a_s, b, b_s, "bf16"), exc=TypeError, match="out_dtype must be torch.dtype, got str", raw=False),
+    ]
+
+
 _gemm_op = Op(
     "fp8_block_gemm",
     "(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, ScalarType out_dtype=bfloat16) -> Tensor",
@@ -120,6 +285,9 @@ _gemm_op = Op(
     alloc=_alloc_gemm,
     torch_impl=ref.fp8_block_gemm_ref,
     triton_launch=_gemm_launch,
+    compare=_compare,
+    samples=_gemm_samples,
+    errors=_gemm_errors,
 )
 
 fp8_block_gemm = _gemm_op.api(

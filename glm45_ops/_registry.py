@@ -120,13 +120,15 @@ class ErrorInput:
     """A bad input and the exception it must raise, on every backend and through the raw op.
 
     ``raw=False`` where the raw ``torch.ops`` call cannot raise our exception because the
-    dispatcher rejects the argument's type first (a string for a tensor, say)."""
+    dispatcher rejects the argument's type first (a string for a tensor, say); ``fake=False``
+    where the check needs values a fake tensor does not have (ids out of range on a CPU tensor)."""
 
     args: tuple
     kwargs: dict = field(default_factory=dict)
     exc: type = ValueError
     match: str = ""
     raw: bool = True
+    fake: bool = True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -131,9 +131,11 @@ def _gemm_launch(out, a, a_scale, b, b_scale, out_dtype):
 #   2^-13 of its magnitude (<= the slice's S) per addition. The adder's internal grouping is not
 #   documented; taking the smallest fused group reported for FP8 (a 4-way dot product), a
 #   128-wide slice is at most 32 additions: gamma_tc = 32 * 2^-13 = 2^-8 of each slice's S, and
-#   the slices' S add up to S. That is ~480x the fp32 bound at K = 128, above the 2-65x that a
-#   simulation of the tests' operands gave, and consistent with DeepSeek-V3's ~2% maximum
-#   relative error at K = 4096 without promotion (1024 additions: <= 12.5% of S).
+#   the slices' S add up to S: ~480x the fp32 bound at K = 128. tests/gemm simulates it on the
+#   tests' operands: truncating after every 4-way sum breaks the fp32 bound by up to ~100x and
+#   uses <= ~25% of this one; truncating after every single product, <= ~55%. It is consistent
+#   with DeepSeek-V3's ~2% maximum relative error at K = 4096 without promotion (1024
+#   additions: <= 12.5% of S).
 # Both bounds also require DeepGEMM's similarity calc_diff(out, y) < 1e-4 over the finite
 # outputs (~1e-7 for fp32 accumulation into bf16, ~1e-6 at 14 bits; a wrong scale index gives
 # >1e-2): the elementwise bound is a worst case, the similarity catches a small bias everywhere.
@@ -195,7 +197,8 @@ def _compare(got, want, args) -> str | None:
     for name, t in (("output", got), ("reference", want)):
         t = t.to(a.device)
         if not torch.equal(~torch.isfinite(t), nonfinite):
-            return f"{name}: non-finite at {int((~torch.isfinite(t)).sum())} outputs, the definition says {int(nonfinite.sum())}"
+            return (f"{name}: non-finite at {int((~torch.isfinite(t)).sum())} outputs, "
+                    f"the definition says {int(nonfinite.sum())}")
         if not torch.isnan(t[nan]).all():
             return f"{name}: {int((~torch.isnan(t[nan])).sum())} outputs reached by a NaN are not NaN"
     y, bound = error_bound(a, a_scale, b, b_scale, out_dtype, tensor_core_accumulation(a.device))
@@ -204,7 +207,8 @@ def _compare(got, want, args) -> str | None:
     excess = (g - y).abs() - bound
     if excess.numel() and excess.max() > 0:
         i = int(excess.argmax())
-        return f"{int((excess > 0).sum())} outputs beyond the bound, worst {g[i].item()!r} vs oracle {y[i].item()!r} (bound {bound[i].item():.3g})"
+        return (f"{int((excess > 0).sum())} outputs beyond the bound, worst {g[i].item()!r} vs oracle "
+                f"{y[i].item()!r} (bound {bound[i].item():.3g})")
     diff = calc_diff(g, y)
     if diff >= SIMILARITY_LIMIT:
         return f"calc_diff {diff:.3g} >= {SIMILARITY_LIMIT}"
@@ -220,7 +224,8 @@ def _operands(m, n, k, gen, device, *, mn=False, ue8m0=False, nan_at=None):
     128x128 blocks spanning ~6 decades so that a mixed-up scale index shows; ``nan_at`` puts a
     NaN into that activation, so its group's scale is NaN."""
     d = gen.device
-    x = torch.randn(m, k, generator=gen, device=d) * torch.logspace(-3, 3, k, device=d)[torch.randperm(k, generator=gen, device=d)]
+    x = torch.randn(m, k, generator=gen, device=d)
+    x = x * torch.logspace(-3, 3, k, device=d)[torch.randperm(k, generator=gen, device=d)]
     w = torch.randn(n, k, generator=gen, device=d) * torch.logspace(-3, 3, n, device=d).unsqueeze(1)
     if nan_at is not None:
         x[nan_at] = float("nan")
@@ -244,35 +249,42 @@ def _gemm_samples(device, gen):
         Sample((torch.empty(0, 192, dtype=FP8_DTYPE, device=device), torch.empty(2, 4, device=device).t()[:0],
                 *ops(1, 40, 192)[2:]), tag="empty", note="M=0, MN-major a_scale"),
         Sample((a, a_s, b, b_s), tag="nonfinite", note="NaN activation group, +inf weight scale"),
-        Sample((a2, a2_s, b2, b2_s, torch.float32), tag="nonfinite", note="NaN weight byte, -inf activation scale"),
+        Sample((a2, a2_s, b2, b2_s, torch.float32), tag="nonfinite",
+               note="NaN weight byte, -inf activation scale"),
     ]
 
 
 def _gemm_errors(device):
-    a, a_s, b, b_s = (torch.empty(8, 256, dtype=FP8_DTYPE, device=device).fill_(1.0), torch.ones(8, 2, device=device),
-                      torch.empty(130, 256, dtype=FP8_DTYPE, device=device).fill_(1.0), torch.ones(2, 2, device=device))
     fp8 = lambda *shape: torch.zeros(shape, device=device).to(FP8_DTYPE)  # noqa: E731
-    return [
-        ErrorInput((a.float(), a_s, b, b_s), match="a must be float8_e4m3fn, got torch.float32"),
-        ErrorInput((a, a_s, b.to(torch.float8_e5m2), b_s), match="b must be float8_e4m3fn, got torch.float8_e5m2"),
-        ErrorInput((a.view(2, 4, 256), a_s, b, b_s), match=r"a must be 2-D, got shape \(2, 4, 256\)"),
-        ErrorInput((a, a_s, b.view(-1), b_s), match=r"b must be 2-D, got shape \(33280,\)"),
-        ErrorInput((fp8(256, 8).t(), a_s, b, b_s), match=r"a must have a unit last stride and a row stride that is a multiple of 16 \(TMA\), got strides \(1, 8\)"),
-        ErrorInput((a, a_s, fp8(130, 264)[:, :256], b_s), match=r"b must have a unit last stride and a row stride that is a multiple of 16 \(TMA\), got strides \(264, 1\)"),
-        ErrorInput((a, a_s, b[:, :128], b_s[:, :1]), match=r"a \[M, K\] and b \[N, K\] must share K, got a \(8, 256\) and b \(130, 128\)"),
-        ErrorInput((fp8(2, 112)[:, :100], a_s[:2, :1], fp8(3, 112)[:, :100], b_s[:1, :1]), match=r"K \(a.shape\[1\] = 100\) must be a positive multiple of 16 \(TMA\)"),
-        ErrorInput((fp8(2, 16)[:, :0], a_s[:2, :0], fp8(3, 16)[:, :0], b_s[:1, :0]), match=r"K \(a.shape\[1\] = 0\) must be a positive multiple of 16 \(TMA\)"),
-        ErrorInput((a, a_s, b[:0], b_s[:0]), match=r"b must have at least one row \(N >= 1\)"),
-        ErrorInput((a, a_s.double(), b, b_s), match="a_scale must be float32, got torch.float64"),
-        ErrorInput((a, a_s[:7], b, b_s), match=r"a_scale must have shape \(8, 2\), got \(7, 2\)"),
-        ErrorInput((a[:, :192], a_s[:, :1], b[:, :192], b_s), match=r"a_scale must have shape \(8, 2\), got \(8, 1\)"),
-        ErrorInput((a, torch.ones(16, device=device).as_strided((8, 2), (1, 4)), b, b_s),
-                   match=r"a_scale must be row-major \(unit stride along K/128\) or MN-major \(unit stride along M, M stride >= M\), got strides \(1, 4\)"),
-        ErrorInput((a, a_s, b, b_s.half()), match="b_scale must be float32, got torch.float16"),
-        ErrorInput((a, a_s, b, b_s[:1]), match=r"b_scale must have shape \(2, 2\), got \(1, 2\)"),
-        ErrorInput((a, a_s, b, b_s.t().contiguous().t()), match=r"b_scale must have a unit last stride, got strides \(1, 2\)"),
-        ErrorInput((a, a_s, b, b_s, torch.float16), match="out_dtype must be bfloat16 or float32, got torch.float16"),
-        ErrorInput((a, a_s, b, b_s.to("meta")), match=r"a, a_scale, b and b_scale must be on one device, got \["),
+    a, a_s, b, b_s = fp8(8, 256), torch.ones(8, 2, device=device), fp8(130, 256), torch.ones(2, 2, device=device)
+    tma = r"must have a unit last stride and a row stride that is a multiple of 16 \(TMA\), got strides"
+    value_errors = [
+        ((a.float(), a_s, b, b_s), "a must be float8_e4m3fn, got torch.float32"),
+        ((a, a_s, b.to(torch.float8_e5m2), b_s), "b must be float8_e4m3fn, got torch.float8_e5m2"),
+        ((a.view(2, 4, 256), a_s, b, b_s), r"a must be 2-D, got shape \(2, 4, 256\)"),
+        ((a, a_s, b.view(-1), b_s), r"b must be 2-D, got shape \(33280,\)"),
+        ((fp8(256, 8).t(), a_s, b, b_s), rf"a {tma} \(1, 8\)"),
+        ((a, a_s, fp8(130, 264)[:, :256], b_s), rf"b {tma} \(264, 1\)"),
+        ((a, a_s, b[:, :128], b_s[:, :1]),
+         r"a \[M, K\] and b \[N, K\] must share K, got a \(8, 256\) and b \(130, 128\)"),
+        ((fp8(2, 112)[:, :100], a_s[:2, :1], fp8(3, 112)[:, :100], b_s[:1, :1]),
+         r"K \(a.shape\[1\] = 100\) must be a positive multiple of 16 \(TMA\)"),
+        ((fp8(2, 16)[:, :0], a_s[:2, :0], fp8(3, 16)[:, :0], b_s[:1, :0]),
+         r"K \(a.shape\[1\] = 0\) must be a positive multiple of 16 \(TMA\)"),
+        ((a, a_s, b[:0], b_s[:0]), r"b must have at least one row \(N >= 1\)"),
+        ((a, a_s.double(), b, b_s), "a_scale must be float32, got torch.float64"),
+        ((a, a_s[:7], b, b_s), r"a_scale must have shape \(8, 2\), got \(7, 2\)"),
+        ((a[:, :192], a_s[:, :1], b[:, :192], b_s), r"a_scale must have shape \(8, 2\), got \(8, 1\)"),
+        ((a, torch.ones(16, device=device).as_strided((8, 2), (1, 4)), b, b_s),
+         r"a_scale must be row-major \(unit stride along K/128\) or MN-major \(unit stride along M, "
+         r"M stride >= M\), got strides \(1, 4\)"),
+        ((a, a_s, b, b_s.half()), "b_scale must be float32, got torch.float16"),
+        ((a, a_s, b, b_s[:1]), r"b_scale must have shape \(2, 2\), got \(1, 2\)"),
+        ((a, a_s, b, b_s.t().contiguous().t()), r"b_scale must have a unit last stride, got strides \(1, 2\)"),
+        ((a, a_s, b, b_s, torch.float16), "out_dtype must be bfloat16 or float32, got torch.float16"),
+        ((a, a_s, b, b_s.to("meta")), r"a, a_scale, b and b_scale must be on one device, got \["),
+    ]
+    return [ErrorInput(args, match=match) for args, match in value_errors] + [
         ErrorInput(("a", a_s, b, b_s), exc=TypeError, match="a must be torch.Tensor, got str", raw=False),
         ErrorInput((a, a_s, b, b_s, "bf16"), exc=TypeError, match="out_dtype must be torch.dtype, got str", raw=False),
     ]

@@ -8,6 +8,12 @@ The scale is applied per slice, never folded into the fp8 operands, so UE8M0 and
 the same code. Programs run in grouped order (``GROUP_M`` row tiles share a column tile band) so
 a band of ``b`` stays in L2 while the row tiles sweep it.
 
+K is any multiple of 16: the full slices run unmasked, then a partial last slice (K = 192, 176 at
+GLM-4.5's TP8 expert widths) is loaded with its columns past K as zeros and promoted with its own
+block's scales. On sm_90 the whole 128-K ``tl.dot`` accumulates at the tensor cores' ~14 bits
+(Triton's default ``max_num_imprecise_acc``); the fp32 promotion between slices is what bounds
+the error (``glm45_ops.gemm.error_bound``).
+
 Both ``a_scale`` layouts (row-major and MN-major) are read through their strides; MN-major loads a
 tile's ``BLOCK_M`` scales as one coalesced vector.
 """
@@ -127,11 +133,11 @@ def fp8_block_gemm(
     a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out: torch.Tensor
 ) -> None:
     """Fill ``out`` ``[M, N]`` (unit last stride) from e4m3 ``a`` ``[M, K]``, ``b`` ``[N, K]`` (unit last
-    strides), fp32 ``a_scale`` ``[M, K/128]`` and ``b_scale`` ``[ceil(N/128), K/128]`` (any strides)."""
+    strides, K a multiple of 16), fp32 ``a_scale`` ``[M, ceil(K/128)]`` and ``b_scale``
+    ``[ceil(N/128), ceil(K/128)]`` (any strides). M >= 1: the registry launches nothing for
+    an empty output."""
     m, k = a.shape
     n = b.shape[0]
-    if m == 0:
-        return
     cfg = pick_config(m, n)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _fp8_block_gemm_kernel[grid](

@@ -1,5 +1,7 @@
-"""FP8 block-wise quantization: every backend bit-exact with the reference, the reference checked
-against an independent float64 oracle, layouts, opcheck, torch.compile and bad input."""
+"""FP8 block-wise quantization: the reference checked against an independent float64 oracle
+(finite, NaN/inf and partial-group semantics), every backend bit-exact with it on awkward shapes,
+layouts and strides. opcheck, torch.compile, bad input, empty and non-finite inputs of every op
+are the generic contract tests (tests/test_contract.py, tables in glm45_ops/quant.py)."""
 
 from __future__ import annotations
 
@@ -9,20 +11,10 @@ import torch
 from conftest import device_backends
 from glm45_ops import quant
 from glm45_ops.reference.quant import E4M3_MAX, FP8_DTYPE
+from glm45_ops.testing import assert_bit_equal, poisoned_outputs
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BACKENDS = device_backends()
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """Compare fp8 by bit pattern (NaN-safe, -0.0 distinct)."""
-    return t.view(torch.uint8) if t.dtype == FP8_DTYPE else t.view(torch.int32)
-
-
-def assert_bit_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert a.shape == b.shape and a.dtype == b.dtype, f"{what}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
-    diff = (bits(a.cpu()) != bits(b.cpu())).sum().item()
-    assert diff == 0, f"{what}: {diff} of {a.numel()} values differ"
 
 
 def wide_range(shape, dtype, gen, device="cpu") -> torch.Tensor:
@@ -39,27 +31,11 @@ def wide_range(shape, dtype, gen, device="cpu") -> torch.Tensor:
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
+def poisoned():
     """Every output buffer the ops allocate starts as NaN garbage, so a kernel that skips
     elements cannot pass by luck of zeroed memory."""
-
-    def poison(t: torch.Tensor) -> torch.Tensor:
-        if t.dtype == FP8_DTYPE:
-            t.view(torch.uint8).fill_(0x7F)  # e4m3fn NaN
-        else:
-            t.fill_(float("nan"))
-        return t
-
-    orig_ptgq, orig_pbq = quant._alloc_ptgq, quant._alloc_pbq
-    monkeypatch.setattr(quant, "_alloc_ptgq", lambda *a: tuple(map(poison, orig_ptgq(*a))))
-    monkeypatch.setattr(quant, "_alloc_pbq", lambda *a: tuple(map(poison, orig_pbq(*a))))
-    orig_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        return poison(orig_empty(*args, **kwargs))
-
-    monkeypatch.setattr(quant.torch, "empty", empty)
-    yield
+    with poisoned_outputs():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,13 +95,15 @@ def test_ue8m0_is_exact_power_of_two_just_above():
     s = torch.tensor([2.0**-20, 2.0**-20 * (1 + 2.0**-23), 0.75, 1.0, 3.0, 2.0**-126], dtype=torch.float32)
     want = torch.tensor([2.0**-20, 2.0**-19, 1.0, 1.0, 4.0, 2.0**-126], dtype=torch.float32)
     assert_bit_equal(ceil_to_ue8m0(s), want, "ue8m0")
+    assert torch.isnan(ceil_to_ue8m0(torch.tensor([float("nan")]))).all(), "NaN used to become 1.0"
 
 
 # ---------------------------------------------------------------------------------------------
 # Backends bit-exact with the reference
 # ---------------------------------------------------------------------------------------------
 
-PTGQ_SHAPES = [((1, 128), 128), ((7, 256), 128), ((3, 5, 384), 128), ((129, 128), 128), ((4, 192), 64), ((2, 96), 32)]
+PTGQ_SHAPES = [((1, 128), 128), ((7, 256), 128), ((3, 5, 384), 128), ((129, 128), 128), ((4, 192), 64), ((2, 96), 32),
+               ((5, 192), 128), ((3, 176), 128), ((4, 100), 96), ((2, 7), 128)]
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -215,133 +193,105 @@ def test_dequant_bit_exact_and_roundtrip(poisoned, gen, device, backend, out_dty
 OPCHECK_FP8 = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck(gen, backend):
-    from conftest import cpu_backends
-    import glm45_ops
-
-    if backend not in cpu_backends():
-        pytest.skip("triton needs TRITON_INTERPRET=1 on CPU")
-    x = wide_range((5, 256), torch.bfloat16, gen)
-    w = torch.randn(3, 130, 200, generator=gen, dtype=torch.bfloat16)
-    with glm45_ops.use_backend(backend):
-        q, s = torch.ops.glm45.per_token_group_quant_fp8(x)
-        wq, ws = torch.ops.glm45.per_block_quant_fp8(w)
-        cases = [
-            (torch.ops.glm45.per_token_group_quant_fp8.default, (x, 128, 1e-4, False, False)),
-            (torch.ops.glm45.per_token_group_quant_fp8.default, (x, 64, 1e-10, True, True)),
-            (torch.ops.glm45.per_block_quant_fp8.default, (w, 128, 1e-4, True)),
-            (torch.ops.glm45.dequant_fp8.default, (q, s, 1, 128, torch.bfloat16)),
-            (torch.ops.glm45.dequant_fp8.default, (wq, ws, 128, 128, torch.float32)),
-        ]
-        for op, args in cases:
-            torch.library.opcheck(op, args, test_utils=OPCHECK_FP8)
-
-
-def test_torch_compile_fullgraph(gen):
-    """The quantizer traces through its fake into a full graph, and compiled == eager."""
-    torch._dynamo.reset()
-
-    def f(x):
-        q, s = torch.ops.glm45.per_token_group_quant_fp8(x, 128, 1e-4, True)
-        return torch.ops.glm45.dequant_fp8(q, s, 1, 128, torch.float32) * 2
-
-    x = wide_range((6, 256), torch.bfloat16, gen)
-    compiled = torch.compile(f, fullgraph=True, dynamic=False)
-    assert_bit_equal(compiled(x), f(x), "compiled vs eager")
-
-
-def test_dispatch_and_backend_choice(gen, monkeypatch):
-    import glm45_ops
-    from glm45_ops import _registry
-    from conftest import cpu_backends
-
-    op = _registry.registered_ops()["per_token_group_quant_fp8"]
-    cpu = torch.device("cpu")
-    assert op.resolve("auto", cpu) == "torch"
-    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
-        quant.per_token_group_quant_fp8(torch.ones(1, 128), backend="cuda")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        quant.per_token_group_quant_fp8(torch.ones(1, 128), backend="fast")
-    monkeypatch.setenv("GLM45_BACKEND", "nope")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        glm45_ops.default_backend()
-    monkeypatch.setenv("GLM45_BACKEND", "auto")
-    if "triton" in cpu_backends():
-        calls = []
-        orig = op.impls["triton"]
-        monkeypatch.setitem(op.impls, "triton", lambda *a, **k: calls.append(1) or orig(*a, **k))
-        with glm45_ops.use_backend("triton"):  # reaches the op's dispatcher impl too
-            torch.ops.glm45.per_token_group_quant_fp8(torch.ones(2, 128))
-        assert calls == [1]
-
-
-def test_broken_interpreter_is_refused_with_its_reason(monkeypatch):
-    """Triton 3.6's interpreter fails under numpy >= 2.4: on CPU the triton backend is then
-    unavailable (its tests skip) and the error says why; under numpy 2.3 it runs."""
-    import numpy
-    import triton
-
-    import triton_ops
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(triton, "__version__", "3.6.0")
-    monkeypatch.setattr(numpy, "__version__", "2.4.0")
-    assert not triton_ops.triton_usable(torch.device("cpu"))
-    with pytest.raises(RuntimeError, match=r"'triton' is unavailable on cpu: the interpreter of triton 3\.6\.0 fails"):
-        quant.per_token_group_quant_fp8(torch.ones(1, 128), backend="triton")
-    monkeypatch.setattr(numpy, "__version__", "2.3.5")
-    assert triton_ops.triton_usable(torch.device("cpu"))
-    monkeypatch.setattr(triton, "__version__", "3.8.0")
-    monkeypatch.setattr(numpy, "__version__", "2.4.0")
-    assert triton_ops.triton_usable(torch.device("cpu"))
-
-
 # ---------------------------------------------------------------------------------------------
-# Bad input
+# Non-finite values and edge sizes (the reference docstring's rules, on every backend)
 # ---------------------------------------------------------------------------------------------
+
+def _is_nan_fp8(q: torch.Tensor) -> torch.Tensor:
+    return (q.view(torch.uint8) & 0x7F) == 0x7F
+
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
-def test_bad_input(device, backend):
-    x = torch.randn(4, 256, device=device)
-    with pytest.raises(ValueError, match="divisible by group_size"):
-        quant.per_token_group_quant_fp8(x[:, :200], backend=backend)
-    with pytest.raises(ValueError, match="x must be bfloat16"):
-        quant.per_token_group_quant_fp8(x.to(torch.int32), backend=backend)
-    with pytest.raises(ValueError, match="group_size must be a positive int"):
-        quant.per_token_group_quant_fp8(x, 0, backend=backend)
-    with pytest.raises(ValueError, match="eps must be > 0"):
-        quant.per_token_group_quant_fp8(x, 128, 0.0, backend=backend)
-    with pytest.raises(ValueError, match="contiguous in its last dim"):
-        quant.per_token_group_quant_fp8(torch.randn(256, 4, device=device).t(), backend=backend)
-    with pytest.raises(ValueError, match="column_major_scales=True needs a 2-D x"):
-        quant.per_token_group_quant_fp8(x.view(2, 2, 256), column_major_scales=True, backend=backend)
-    with pytest.raises(ValueError, match=r"w must be \[N, K\] or \[E, N, K\]"):
-        quant.per_block_quant_fp8(x.view(2, 2, 2, 128), backend=backend)
-    with pytest.raises(ValueError, match="w must be bfloat16"):
-        quant.per_block_quant_fp8(x.to(torch.float64), backend=backend)
-    with pytest.raises(ValueError, match="block_size must be a positive int"):
-        quant.per_block_quant_fp8(x, -128, backend=backend)
-    q, s = quant.per_token_group_quant_fp8(x, backend="torch" if device == "cpu" else backend)
-    with pytest.raises(ValueError, match="scale must have shape"):
-        quant.dequant_fp8(q, s[:, :1], 1, 128, backend=backend)
-    with pytest.raises(ValueError, match="x_q must be a float8_e4m3fn"):
-        quant.dequant_fp8(x, s, 1, 128, backend=backend)
-    with pytest.raises(ValueError, match="scale must be a float32"):
-        quant.dequant_fp8(q, s.double(), 1, 128, backend=backend)
-    with pytest.raises(ValueError, match="out_dtype must be"):
-        quant.dequant_fp8(q, s, 1, 128, torch.int8, backend=backend)
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_nan_poisons_its_group_and_inf_saturates(poisoned, gen, device, backend, ue8m0):
+    """A NaN makes its group's scale and values NaN (the Triton kernels used to drop it in
+    tl.max and clamp NaN to -448); +-inf leaves amax alone and saturates to +-448 (it used to
+    become -448 or NaN); other groups are untouched."""
+    x = wide_range((3, 384), torch.float32, gen)
+    x[0, 130] = float("nan")  # row 0, group 1
+    x[1, 5], x[1, 6] = float("inf"), -float("inf")  # row 1, group 0
+    clean = x.clone()
+    clean[0, 130], clean[1, 5], clean[1, 6] = 0.0, 0.0, 0.0
+    q, s = quant.per_token_group_quant_fp8(x.to(device), scale_ue8m0=ue8m0, backend=backend)
+    q_clean, s_clean = quant.per_token_group_quant_fp8(clean, scale_ue8m0=ue8m0, backend="torch")
+    q, s = q.cpu(), s.cpu()
+    assert torch.isnan(s[0, 1]) and _is_nan_fp8(q[0, 128:256]).all()
+    assert not torch.isnan(s).flatten()[[0, 2, 3, 4, 5, 6, 7, 8]].any()
+    assert s[1, 0] == s_clean[1, 0], "inf must not enter amax"
+    assert q[1, 5].float() == E4M3_MAX and q[1, 6].float() == -E4M3_MAX
+    keep = torch.ones(3, 384, dtype=torch.bool)
+    keep[0, 128:256] = False
+    keep[1, 5:7] = False
+    assert torch.equal(q.view(torch.uint8)[keep], q_clean.view(torch.uint8)[keep])
 
 
-def test_bad_input_through_the_op_and_fake():
-    """Framework users call torch.ops.glm45.* directly: same errors, eager and under tracing."""
-    with pytest.raises(ValueError, match="divisible by group_size"):
-        torch.ops.glm45.per_token_group_quant_fp8(torch.randn(2, 100))
-    from torch._subclasses.fake_tensor import FakeTensorMode
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_per_block_nan_and_inf(poisoned, gen, device, backend):
+    w = torch.randn(2, 200, 300, generator=gen)
+    w[0, 150, 10] = float("nan")  # block (0, 1, 0)
+    w[1, 3, 299] = -float("inf")  # block (1, 0, 2)
+    for ue8m0 in (False, True):
+        q, s = quant.per_block_quant_fp8(w.to(device), scale_ue8m0=ue8m0, backend=backend)
+        q, s = q.cpu(), s.cpu()
+        assert torch.isnan(s[0, 1, 0]) and _is_nan_fp8(q[0, 128:200, :128]).all()
+        assert torch.isnan(s).sum() == 1
+        assert torch.isfinite(s[1, 0, 2]) and q[1, 3, 299].float() == -E4M3_MAX
 
-    with FakeTensorMode():
-        with pytest.raises(ValueError, match="divisible by group_size"):
-            torch.ops.glm45.per_token_group_quant_fp8(torch.randn(2, 100))
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_dequant_nan_bytes_and_scales(device, backend):
+    """The e4m3 NaN bytes 0x7f/0xff dequantize to NaN (the interpreter decodes them as +-480)."""
+    q = torch.full((2, 256), 0x38, dtype=torch.uint8)  # 1.0
+    q[0, 3], q[1, 200] = 0x7F, 0xFF
+    s = torch.tensor([[2.0, float("nan")], [0.5, 4.0]])
+    out = quant.dequant_fp8(q.view(FP8_DTYPE).to(device), s.to(device), out_dtype=torch.float32, backend=backend).cpu()
+    nan = torch.zeros(2, 256, dtype=torch.bool)
+    nan[0, 3] = nan[1, 200] = True
+    nan[0, 128:] = True
+    assert torch.equal(torch.isnan(out), nan)
+    assert torch.all(out[1, :128] == 0.5) and out[0, 0] == 2.0
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_partial_last_group_is_its_own_group(gen, device, backend):
+    """K = 192 (GLM-4.5's expert width at TP8) with 128-groups: the second group holds 64
+    channels, scaled by their own amax; the same as quantizing that slice alone."""
+    x = wide_range((5, 192), torch.bfloat16, gen)
+    q, s = quant.per_token_group_quant_fp8(x.to(device), backend=backend)
+    assert s.shape == (5, 2) and q.shape == (5, 192)
+    q0, s0 = quant.per_token_group_quant_fp8(x[:, :128].contiguous(), backend="torch")
+    q1, s1 = quant.per_token_group_quant_fp8(x[:, 128:].contiguous(), 64, backend="torch")
+    assert_bit_equal(s.cpu(), torch.cat([s0, s1], 1), "scales")
+    assert_bit_equal(q.cpu(), torch.cat([q0, q1], 1), "x_q")
+
+
+def test_smallest_eps_gives_a_normal_scale():
+    """The smallest accepted eps still gives zero groups a positive normal fp32 scale
+    (1e-44 used to give a zero scale, so 0/0 = NaN); one ulp below it is refused."""
+    tiny = torch.finfo(torch.float32).tiny
+    eps = float(torch.tensor(448.0 * tiny))
+    _, s = quant.per_token_group_quant_fp8(torch.zeros(1, 128), eps=eps, backend="torch")
+    assert s.item() >= tiny
+    with pytest.raises(ValueError, match="eps must be finite and at least"):
+        quant.per_token_group_quant_fp8(torch.zeros(1, 128), eps=eps * (1 - 2**-20))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_per_block_quant_non_power_of_two_blocks(poisoned, gen, device, backend):
+    """block_size 96 used to crash the Triton kernel (tl.arange needs a power of two)."""
+    w = torch.randn(3, 200, 130, generator=gen, dtype=torch.bfloat16)
+    for block in (96, 1, 33):
+        want = quant.per_block_quant_fp8(w, block, backend="torch")
+        got = quant.per_block_quant_fp8(w.to(device), block, backend=backend)
+        assert_bit_equal(got[0], want[0], f"w_q block {block}")
+        assert_bit_equal(got[1], want[1], f"scale block {block}")
+
+
+def test_dequant_huge_block_allocates_nothing_extra():
+    """dequant_fp8(..., block_m=2**30) used to repeat the scales 2**30 times (64 GiB)."""
+    q, s = quant.per_block_quant_fp8(torch.randn(5, 7), backend="torch")
+    out = quant.dequant_fp8(q, s, 2**30, 2**30, torch.float32, backend="torch")
+    torch.testing.assert_close(out, q.float() * s.item(), rtol=0, atol=0)
 
 
 def test_requant_fp8_weights(gen):

@@ -28,7 +28,10 @@ from glm45_ops.reference.gemm import GEMM_BLOCK
 from glm45_ops.reference.quant import FP8_DTYPE
 from glm45_ops.testing import calc_diff
 
-__all__ = ["GEMM_BLOCK", "fp8_block_gemm", "fp8_linear", "scale_layout"]
+__all__ = [
+    "GEMM_BLOCK", "K_ALIGN", "SIMILARITY_LIMIT", "error_bound", "fp8_block_gemm", "fp8_linear", "nonfinite_outputs",
+    "oracle", "scale_layout", "tensor_core_accumulation",
+]
 
 _OUT_DTYPES = (torch.bfloat16, torch.float32)
 _ROW_ALIGN_BYTES = 16  # TMA: every row stride of a and b a multiple of 16 bytes

@@ -1,45 +1,44 @@
 """The benchmark case interface: what a family module in ``glm45_ops/bench/cases/`` provides.
 
-A family module (``glm45_ops/bench/cases/<fam>.py``, registered in ``cases/__init__.py``) exposes
+A family module (``glm45_ops/bench/cases/<fam>.py``; every module there is a family) exposes
 
     def cases(ctx: BenchContext) -> list[Case]
 
 and nothing else is required. ``ctx`` says which model preset, device and token counts to use
 (the CLI shrinks them on a machine without a GPU). A :class:`Case` is one shape of one op:
 
-* ``make(backend, device, gen)`` draws **fresh random inputs** (never zeros: a kernel that skips
-  work on zeros would look fast) with ``gen``, a generator on ``device``, and returns a zero-arg
-  callable that runs the op once on ``backend`` and returns its outputs. Input creation happens
-  in ``make``, outside the timed region. When a backend cannot run here, ``make`` raises
-  :class:`Skip` with the reason (the CLI prints it and goes on; it never crashes on a missing
-  backend). :func:`op_runner` does this for ``glm45_ops`` ops.
-* ``backends`` are our own (``torch``, ``triton``, ``cuda``); ``peers`` are other libraries'
-  functions for the same computation (``torch.compile``, ``vllm``, ``sgl_kernel``,
-  ``flashinfer``, ``deep_gemm``), run through the same ``make`` (called with the peer's name as
-  ``backend``; it raises :class:`Skip` when the library is absent) and reported as extra
-  backends. Peers are not held to our numerics: a refcheck mismatch is reported as "differs".
+* ``inputs(device, gen)`` draws **fresh random inputs** (never zeros: a kernel that skips work
+  on zeros would look fast) with ``gen``, a generator on ``device``, and returns them as a tuple.
+  Input creation happens outside the timed region.
+* ``run(backend, device, *inputs)`` returns a zero-arg runner that calls the op once on one of
+  our ``backends`` (``torch``, ``triton``, ``cuda``) and returns its outputs, or raises
+  :class:`Skip` with the reason when that backend cannot run here (the CLI prints it and goes
+  on; it never crashes on a missing backend). :func:`op_runner` does both for a ``glm45_ops`` op.
+* ``peers`` maps a peer's name to its factory: other libraries' functions for the same
+  computation (``torch.compile``, ``vllm``, ``sgl_kernel``, ``flashinfer``, ``deep_gemm``, ...).
+  ``factory(device, gen, *inputs)`` returns a runner, or raises :class:`Skip` when the library is
+  absent, needs a GPU, or rejects the call (:func:`peer_import`, :func:`gpu_only`, :func:`smoke`).
+  ``gen`` is there for peers that draw random numbers of their own. Peers are reported as extra
+  backends and are not held to our numerics: a refcheck mismatch is reported as "differs".
 * ``bytes_moved`` (HBM bytes read + written once, the minimum any implementation must move) and
   ``flops`` give GB/s and TFLOP/s; ``roofline`` names the ceiling the result is compared with:
   ``"memory"`` (copy bandwidth), ``"compute:bf16"`` or ``"compute:fp8"`` (matmul throughput).
-* ``compare(out, ref)`` checks a backend's outputs against the reference backend's outputs on
-  the same inputs (``make`` is called twice with generators seeded alike) and returns ``None``
-  when they agree, else a short reason. :func:`bit_exact` is the rule for the quantizers;
-  families with rounding differences write a tolerance-based one.
+* ``compare(out, ref)`` checks a backend's outputs against the reference backend's outputs on the
+  same inputs (drawn twice from generators seeded alike) and returns ``None`` when they agree,
+  else a short reason. Left ``None``, the op's own rule applies, as in the tests
+  (``glm45_ops.testing.outputs_differ``: the op's ``compare`` when the reference ran through
+  :func:`op_runner`, else bit for bit with NaN matching NaN).
 
-Helpers: :func:`op_runner` / :func:`require` (our backends, with the registry's reason when one
-is unavailable), :func:`smoke` and :func:`compile_peer` (peers), :func:`randn`, :func:`bit_exact`.
 A minimal family module (``glm45_ops/bench/cases/quant.py`` is the full example)::
 
     from glm45_ops import myfam
-    from glm45_ops.bench.case import BenchContext, Case, bit_exact, op_runner, randn
+    from glm45_ops.bench.case import BenchContext, Case, op_runner, randn
 
     def _case(m: int, h: int) -> Case:
-        def make(backend, device, gen):
-            x = randn((m, h), torch.bfloat16, device, gen)
-            return op_runner(myfam.my_op, backend, device, x)
-
-        return Case(family="myfam", name=f"my_op M={m}", shape=f"[{m}, {h}] bf16", make=make,
-                    bytes_moved=2 * m * h * 2, compare=bit_exact)
+        return Case(family="myfam", name=f"my_op M={m}", shape=f"[{m}, {h}] bf16",
+                    inputs=lambda device, gen: (randn((m, h), torch.bfloat16, device, gen),),
+                    run=lambda backend, device, x: op_runner(myfam.my_op, backend, device, x),
+                    bytes_moved=2 * m * h * 2)
 
     def cases(ctx: BenchContext) -> list[Case]:
         return [_case(m, ctx.model.hidden_size) for m in ctx.tokens]
@@ -50,22 +49,26 @@ printing belong to the CLI.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from glm45_ops import registered_ops
+from glm45_ops.bench.roofline import KINDS as ROOFLINES
 from glm45_ops.config import ModelConfig
 
 OUR_BACKENDS = ("torch", "triton", "cuda")
-ROOFLINES = ("memory", "compute:bf16", "compute:fp8")
 
 Runner = Callable[[], Any]
-Factory = Callable[[str, torch.device, torch.Generator], Runner]
+Inputs = Callable[[torch.device, torch.Generator], tuple]
+OurRunner = Callable[..., Runner]  # (backend, device, *inputs) -> Runner
+PeerFactory = Callable[..., Runner]  # (device, gen, *inputs) -> Runner
 
 
 class Skip(Exception):
-    """Raised by ``Case.make`` when a backend cannot run here; the message says why."""
+    """Raised when a backend or peer cannot run here; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -83,50 +86,100 @@ class BenchContext:
 
 @dataclass(frozen=True)
 class Case:
-    """One shape of one op, runnable on several backends (see the module docstring)."""
+    """One shape of one op, runnable on our backends and its peers (see the module docstring)."""
 
     family: str
     name: str  # unique within the family, e.g. "per_token_group_quant_fp8 M=16384"
     shape: str  # human-readable, e.g. "[16384, 5120] bf16"
-    make: Factory
+    inputs: Inputs
+    run: OurRunner
     bytes_moved: int
     flops: int = 0
     roofline: str = "memory"
     backends: tuple[str, ...] = OUR_BACKENDS
-    peers: tuple[str, ...] = ()
+    peers: Mapping[str, PeerFactory] = field(default_factory=dict)
     compare: Callable[[Any, Any], str | None] | None = None
-    reference: str = "torch"  # the backend whose outputs ``compare`` takes as truth
+    reference: str = "torch"  # the backend whose outputs are taken as truth
     notes: str = ""
     params: dict[str, Any] = field(default_factory=dict)  # recorded in JSON, e.g. {"ue8m0": True}
 
     def __post_init__(self) -> None:
         if self.roofline not in ROOFLINES:
             raise ValueError(f"roofline must be one of {ROOFLINES}, got {self.roofline!r}")
+        clash = set(self.peers) & set(self.backends)
+        if clash:
+            raise ValueError(f"peer names {sorted(clash)} clash with our backends")
 
     @property
     def all_backends(self) -> tuple[str, ...]:
-        return self.backends + self.peers
+        return self.backends + tuple(self.peers)
 
     @property
     def intensity(self) -> float:
         """Arithmetic intensity, FLOP per byte moved (0 for pure data movement)."""
         return self.flops / self.bytes_moved if self.bytes_moved else 0.0
 
+    def make(self, backend: str, device: torch.device, gen: torch.Generator) -> Runner:
+        """Fresh inputs from ``gen``, then a runner for ``backend`` (ours or a peer), or :class:`Skip`."""
+        if backend not in self.all_backends:
+            raise ValueError(f"backend must be one of {self.all_backends} for {self.name!r}, got {backend!r}")
+        inputs = self.inputs(device, gen)
+        if backend in self.peers:
+            return self.peers[backend](device, gen, *inputs)
+        return self.run(backend, device, *inputs)
+
+
+@dataclass(frozen=True)
+class OpRun:
+    """The runner :func:`op_runner` returns: ``fn(*args, backend=backend)``, where ``args`` are
+    the op's arguments bound in schema order, so ``--refcheck`` can apply the op's ``compare``."""
+
+    fn: Callable
+    op: Any  # the registry's Op
+    args: tuple
+    backend: str
+
+    def __call__(self) -> Any:
+        return self.fn(*self.args, backend=self.backend)
+
 
 def require(fn: Callable, backend: str, device: torch.device) -> None:
     """Raise :class:`Skip` unless the public ``glm45_ops`` function ``fn`` (named like its op)
     can run on ``backend`` with tensors on ``device`` in this process."""
-    from glm45_ops._registry import registered_ops
-
     op = registered_ops()[fn.__name__]
     if backend not in op.backends(device):
-        raise Skip(op._unavailable(backend, device))
+        raise Skip(op.why_unavailable(backend, device))
 
 
-def op_runner(fn: Callable, backend: str, device: torch.device, *args, **kwargs) -> Runner:
-    """A zero-arg callable running ``fn(*args, backend=backend, **kwargs)``, after :func:`require`."""
+def op_runner(fn: Callable, backend: str, device: torch.device, *args, **kwargs) -> OpRun:
+    """A runner of ``fn(*args, backend=backend, **kwargs)`` after :func:`require`. ``fn`` is an
+    op's public function taking the op's own arguments (a ``TypeError`` here says otherwise)."""
     require(fn, backend, device)
-    return lambda: fn(*args, backend=backend, **kwargs)
+    op = registered_ops()[fn.__name__]
+    return OpRun(fn, op, op.bind(args, kwargs), backend)
+
+
+def op_outputs(fn: Callable, *args, **kwargs) -> Any:
+    """The outputs ``fn(*args, **kwargs)`` would return, allocated empty by its op (``op.alloc``):
+    buffers in our layout, for peers that write into outputs they are given."""
+    op = registered_ops()[fn.__name__]
+    return op.alloc(*op.bind(args, kwargs))
+
+
+def gpu_only(peer: str, device: torch.device) -> None:
+    """Raise :class:`Skip` unless ``device`` is a GPU (most peers ship CUDA kernels only)."""
+    if device.type != "cuda":
+        raise Skip(f"{peer} runs on GPU only")
+
+
+def peer_import(peer: str, module: str, name: str | None = None) -> Any:
+    """``module``, or its attribute ``name``; :class:`Skip` when the peer library is absent,
+    fails to import here, or lacks ``name`` (another version's API)."""
+    try:
+        mod = importlib.import_module(module)
+        return mod if name is None else getattr(mod, name)
+    except Exception as e:
+        raise Skip(f"{peer} not importable ({type(e).__name__}: {_first_line(e)})") from None
 
 
 def smoke(peer: str, run: Runner) -> Runner:
@@ -135,17 +188,17 @@ def smoke(peer: str, run: Runner) -> Runner:
     try:
         run()
     except Exception as e:
-        raise Skip(f"{peer} call failed: {type(e).__name__}: {e}") from None
+        raise Skip(f"{peer} call failed: {type(e).__name__}: {_first_line(e)}") from None
     return run
 
 
 def compile_peer(fn: Callable, device: torch.device) -> Callable:
     """``torch.compile(fn)`` as the "torch.compile" peer (GPU only: on the CPU its compile
-    outlasts the benchmark). Dynamo's caches are reset first: many shapes of one reference
+    outlasts the benchmark). Compiler caches are reset first: many shapes of one reference
     would otherwise hit the recompile limit and silently run eagerly."""
     if device.type != "cuda":
         raise Skip("torch.compile peer runs on GPU only (on CPU its compile outlasts the benchmark)")
-    torch._dynamo.reset()
+    torch.compiler.reset()
     return torch.compile(fn, dynamic=False)
 
 
@@ -154,29 +207,5 @@ def randn(shape: Iterable[int], dtype: torch.dtype, device: torch.device, gen: t
     return (torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
 
 
-def _leaves(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for item in x for t in _leaves(item)]
-    raise TypeError(f"outputs must be tensors or (nested) lists/tuples of them, got {type(x).__name__}")
-
-
-_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def bit_exact(out: Any, ref: Any) -> str | None:
-    """``None`` if every output tensor equals the reference's bit for bit (same shapes and
-    dtypes; strides may differ), else which one differs and how many of its elements."""
-    outs, refs = _leaves(out), _leaves(ref)
-    if len(outs) != len(refs):
-        return f"{len(outs)} outputs, reference has {len(refs)}"
-    for i, (o, r) in enumerate(zip(outs, refs)):
-        if o.shape != r.shape or o.dtype != r.dtype:
-            return f"output {i}: {o.dtype}{list(o.shape)} vs reference {r.dtype}{list(r.shape)}"
-        as_int = _SAME_WIDTH_INT[o.element_size()]
-        diff = o.contiguous().view(as_int) != r.to(o.device).contiguous().view(as_int)
-        n = int(diff.sum())
-        if n:
-            return f"output {i}: {n} of {o.numel()} elements differ"
-    return None
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else ""

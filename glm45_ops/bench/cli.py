@@ -1,16 +1,20 @@
 """``glm45-bench``: the one benchmark entry point.
 
-    glm45-bench <family> [--preset P] [--backends torch,triton,cuda,...] [--cases SUBSTR,...]
+    glm45-bench <family> [--preset P] [--backends torch,triton,cuda,PEER,...] [--cases SUBSTR,...]
                          [--refcheck] [--json PATH] [--csv PATH] [--plot PNG] [--iters N]
-                         [--ceilings PATH]
-    glm45-bench all ...              every family in glm45_ops/bench/cases/__init__.py
+                         [--ceilings FILE]
+    glm45-bench all ...              every family (a module in glm45_ops/bench/cases/)
     glm45-bench ceilings [--json P]  measure copy bandwidth and bf16/fp8 matmul on this GPU
-    glm45-bench compile-report [--json P]  AOT-compile the Triton kernels for sm_90a
+    glm45-bench compile-report [--json P] [--families F,...]  AOT-compile Triton kernels for sm_90a
     glm45-bench --info               versions, extension, GPUs
 
 Without a GPU it still runs (torch backend, plus triton when TRITON_INTERPRET=1, on the
-``small`` preset), says that the timings are CPU timings, and exits 0. The exit code is 1 only
-when one of our backends errors or fails its refcheck, or a family's case module is broken.
+``small`` preset), says that the timings are CPU timings, and exits 0. Arguments are checked
+before anything runs: a backend that is neither ours nor a peer of the chosen families, a
+``--cases`` pattern that matches no case, ``--iters`` below 1, an output path that cannot be
+written, an unreadable or malformed ``--ceilings`` file or an unknown ``--families`` name exits
+2 with one line on stderr, as argparse does. The exit code is 1 when one of our backends errors
+or fails its refcheck, or a family's case module is broken.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import sys
 from typing import Any
@@ -37,8 +42,60 @@ CPU_BANNER = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr, exit status 2: ``prog: error: message``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _output_path(path: str) -> str:
+    """A path we can write results to, checked before anything runs (a long run must not fail
+    at its end for want of a directory). Opening is the only check that holds for every user
+    and file system (``os.access`` says yes to root); a file made by the check is removed."""
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write {path}: {e.strerror or e}") from None
+    if not existed:
+        os.remove(path)
+    return path
+
+
+def _ceilings_file(path: str) -> dict[str, roofline.Ceiling]:
+    try:
+        return roofline.load(path)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{path} is not a ceilings file: {e}") from None
+
+
+def _kernel_families(text: str) -> list[str]:
+    from glm45_ops.bench.compile_report import kernel_families
+
+    names = [f for f in text.split(",") if f]
+    known = kernel_families()
+    unknown = [f for f in names if f not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"no Triton kernel family {', '.join(unknown)} (choose from {', '.join(known)})")
+    return names
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="glm45-bench", description="Benchmarks for glm45-ops kernels.")
+    p = _Parser(prog="glm45-bench", description="Benchmarks for glm45-ops kernels.")
     p.add_argument("--info", action="store_true", help="print versions, extension state and GPUs, then exit")
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join([*FAMILIES, "all", "ceilings", "compile-report"]) + "}")
     bench = argparse.ArgumentParser(add_help=False)
@@ -46,18 +103,22 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--backends", default="", help="comma list of our backends and peers (default: all that apply)")
     bench.add_argument("--cases", default="", help="comma list of substrings of case names; '=NAME' matches exactly")
     bench.add_argument("--refcheck", action="store_true", help="compare each backend's outputs with the reference")
-    bench.add_argument("--json", help="write results with the environment to this JSON file")
-    bench.add_argument("--csv", help="write results to this CSV file")
-    bench.add_argument("--plot", help="draw a roofline chart to this PNG")
-    bench.add_argument("--iters", type=int, help="timed calls per row on CPU (GPU: do_bench's 100 ms window)")
-    bench.add_argument("--ceilings", help="use ceilings from `glm45-bench ceilings --json` output")
-    for fam in FAMILIES:
-        sub.add_parser(fam, parents=[bench], help=f"benchmark the {fam} family")
-    sub.add_parser("all", parents=[bench], help="benchmark every family")
-    sub.add_parser("ceilings", help="measure this GPU's copy bandwidth and matmul TFLOP/s").add_argument("--json")
+    bench.add_argument("--json", type=_output_path, help="write results with the environment to this JSON file")
+    bench.add_argument("--csv", type=_output_path, help="write results to this CSV file")
+    bench.add_argument("--plot", type=_output_path, help="draw a roofline chart to this PNG")
+    bench.add_argument("--iters", type=_positive_int, help="timed calls per row on CPU (GPU: do_bench's 100 ms window)")
+    bench.add_argument("--ceilings", type=_ceilings_file, metavar="FILE",
+                       help="ceilings measured by `glm45-bench ceilings --json FILE` (default: the H200 "
+                            "numbers in roofline.py, not measured by this project)")
+    for fam in [*FAMILIES, "all"]:
+        sp = sub.add_parser(fam, parents=[bench], help="benchmark every family" if fam == "all" else f"benchmark the {fam} family")
+        sp.set_defaults(fail=sp.error)
+    sub.add_parser("ceilings", help="measure this GPU's copy bandwidth and matmul TFLOP/s").add_argument(
+        "--json", type=_output_path)
     report_p = sub.add_parser("compile-report", help="AOT-compile Triton kernels for sm_90a; registers, spills")
-    report_p.add_argument("--json")
-    report_p.add_argument("--families", default="", help="comma list of triton_ops modules (default: all)")
+    report_p.add_argument("--json", type=_output_path)
+    report_p.add_argument("--families", type=_kernel_families, default=[],
+                          help="comma list of triton_ops modules (default: all)")
     return p
 
 
@@ -105,6 +166,38 @@ def _case_repros(cases: list[Case], rows: list, repro) -> list[str]:
     return [f"repro [{c.name}]: {repro(c, ran[c.name])}" for c in cases if ran[c.name]]
 
 
+def _load_cases(args: argparse.Namespace, ctx: BenchContext) -> tuple[dict[str, list[Case]], dict[str, str]]:
+    """Each chosen family's cases, and why each family that failed to load failed. Then
+    ``--cases`` and ``--backends`` are checked against them: every pattern must match a case and
+    every name must be ours or a peer of one (argparse-style error, exit 2, before anything runs)."""
+    families = list(FAMILIES) if args.command == "all" else [args.command]
+    loaded, broken = {}, {}
+    for fam in families:
+        try:
+            loaded[fam] = load(fam).cases(ctx)
+        except Exception as e:  # a broken family must not take the others down
+            broken[fam] = f"{type(e).__name__}: {e}"
+    note = f" ({', '.join(broken)}: case module failed to load)" if broken else ""
+    every = [c for cases in loaded.values() for c in cases]
+    for p in _patterns(args):
+        if loaded and not any(_selected(c, [p]) for c in every):
+            args.fail(f"argument --cases: {p!r} matches no case of {', '.join(loaded)}{note}")
+    offered = list(OUR_BACKENDS) + sorted({p for c in every for p in c.peers})
+    unknown = [b for b in _wanted(args) if b not in offered]
+    if loaded and unknown:
+        args.fail(f"argument --backends: {', '.join(map(repr, unknown))} is neither one of our backends nor a peer "
+                  f"of {', '.join(loaded)} (choose from {', '.join(offered)}){note}")
+    return ({fam: [c for c in cases if _selected(c, _patterns(args))] for fam, cases in loaded.items()}, broken)
+
+
+def _patterns(args: argparse.Namespace) -> list[str]:
+    return [p for p in args.cases.split(",") if p]
+
+
+def _wanted(args: argparse.Namespace) -> list[str]:
+    return [b for b in args.backends.split(",") if b]
+
+
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     from glm45_ops.bench.peers import find_peers
     from glm45_ops.bench.runner import run_case
@@ -113,19 +206,21 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     on_gpu = device.type == "cuda"
     model = preset((args.preset or "glm-4.5") if on_gpu else "small")
     ctx = BenchContext(model, device, PREFILL_AND_DECODE_TOKENS if on_gpu and model.name != "small" else CPU_TOKENS)
+    chosen, broken = _load_cases(args, ctx)
     if not on_gpu:
         print(CPU_BANNER.format(triton=" and Triton in the interpreter" if _interpreting() else ""))
         if args.preset not in (None, "small"):
             print(f"(--preset {args.preset} shapes need a GPU; using 'small')")
-    ceilings = roofline.load(args.ceilings) if args.ceilings else dict(roofline.H200_MEASURED)
+    ceilings = args.ceilings or dict(roofline.H200_DEFAULTS)
     print(f"device: {_gpu_name()}   preset: {model.name}   tokens: {list(ctx.tokens)}")
     print("peers: " + ", ".join(f"{m} ({s})" for m, s in find_peers().items()))
     print("% roofline is of: " + "; ".join(f"{k} {c.label}" for k, c in ceilings.items()))
+    if not args.ceilings and on_gpu:
+        print("(default ceilings: `glm45-bench ceilings --json FILE`, then `--ceilings FILE`, uses this GPU's own)")
 
-    wanted = [b for b in args.backends.split(",") if b]
+    wanted = _wanted(args)
     if not wanted and not on_gpu:
         wanted = ["torch"] + (["triton"] if _interpreting() else [])
-    patterns = [p for p in args.cases.split(",") if p]
 
     def repro(case: Case, backends: list[str]) -> str:
         env = "TRITON_INTERPRET=1 " if "triton" in backends and _interpreting() else ""
@@ -141,18 +236,13 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         if args.csv:
             report.write_csv(args.csv, record, rows)
 
-    families = list(FAMILIES) if args.command == "all" else [args.command]
-    results, broken, offered, skip_reasons = [], False, set(), set()
-    for fam in families:
-        try:
-            cases = [c for c in load(fam).cases(ctx) if _selected(c, patterns)]
-        except Exception as e:  # a missing or broken family must not take the others down
-            missing = isinstance(e, ModuleNotFoundError) and e.name == FAMILIES[fam]
-            print(f"\n[{fam}] " + ("no case module yet" if missing else f"case module failed: {type(e).__name__}: {e}"))
-            broken |= not missing
+    results, offered, skip_reasons = [], set(), set()
+    for fam in [f for f in FAMILIES if f in chosen or f in broken]:
+        if fam in broken:
+            print(f"\n[{fam}] case module failed: {broken[fam]}")
             continue
         rows = []
-        for case in cases:
+        for case in chosen[fam]:
             offered.update(case.all_backends)
             for b in case.all_backends:
                 if not wanted or b in wanted:
@@ -165,10 +255,10 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             save(results + rows)
         print(f"\n[{fam}]" + (" CPU timings" if not on_gpu else ""))
         print(report.table(rows))
-        print("\n".join(_case_repros(cases, rows, repro) + report.verdicts(rows)))
+        print("\n".join(_case_repros(chosen[fam], rows, repro) + report.verdicts(rows)))
         results += rows
     if set(wanted) - offered:
-        print(f"backends not offered by any case: {', '.join(sorted(set(wanted) - offered))}")
+        print(f"backends not offered by the selected cases: {', '.join(sorted(set(wanted) - offered))}")
 
     save(results)
     if args.plot:
@@ -207,14 +297,14 @@ def _print_info() -> int:
 def _ceilings(args: argparse.Namespace, argv: list[str]) -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to measure. Benchmarks use these ceilings by default:")
-        for kind, c in roofline.H200_MEASURED.items():
+        for kind, c in roofline.H200_DEFAULTS.items():
             print(f"  {kind:<13} {c.label}")
         return 0
     measured = roofline.measure(torch.device("cuda"))
     print(f"ceilings measured on {_gpu_name()}:")
     for kind, (c, how) in measured.items():
-        default = roofline.H200_MEASURED[kind]
-        print(f"  {kind:<13} {c.value / 1e12:8.1f} {c.unit:<8} ({how}; KNOWLEDGE.md value {default.value / 1e12:.0f})")
+        default = roofline.H200_DEFAULTS[kind]
+        print(f"  {kind:<13} {c.value / 1e12:8.1f} {c.unit:<8} ({how}; default {default.value / 1e12:.0f})")
     if args.json:
         from glm45_ops import info
 
@@ -240,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compile-report":
         from glm45_ops.bench import compile_report
 
-        return compile_report.main(args.json, [f for f in args.families.split(",") if f] or None)
+        return compile_report.main(args.json, args.families or None)
     return _bench(args, argv)
 
 

@@ -96,13 +96,17 @@ def _compile_spec(family: str, spec, ptxas: str) -> dict[str, Any]:
     return row
 
 
+def kernel_families() -> list[str]:
+    """The ``triton_ops`` modules (one per family), found without importing them (or Triton)."""
+    spec = importlib.util.find_spec("triton_ops")
+    return sorted(m.name for m in pkgutil.iter_modules(spec.submodule_search_locations) if not m.name.startswith("_"))
+
+
 def triton_rows(families: list[str] | None = None) -> list[dict[str, Any]]:
     """Compile every COMPILE_SPECS entry (call in a process without TRITON_INTERPRET)."""
-    import triton_ops
-
     ptxas = _tool("ptxas")
     rows = []
-    for mod in sorted(m.name for m in pkgutil.iter_modules(triton_ops.__path__) if not m.name.startswith("_")):
+    for mod in kernel_families():
         if families and mod not in families:
             continue
         try:

@@ -2,17 +2,23 @@
 
 A case's ``roofline`` kind picks its ceiling: ``memory`` (bytes moved per second against a
 device-to-device copy), ``compute:bf16`` or ``compute:fp8`` (FLOP/s against a large matmul).
-Percentages are of a *measured* ceiling where one exists (what a kernel can actually reach),
-else of the datasheet peak; the label says which. ``glm45-bench ceilings`` re-measures them on
-the GPU at hand and ``--ceilings PATH`` makes a benchmark run use those numbers.
+
+No run of this project has measured the defaults below (:data:`H200_DEFAULTS`): the copy and
+bf16 numbers were measured on an H200 outside this project, and FP8 is NVIDIA's datasheet peak.
+Each label says which. ``glm45-bench ceilings --json FILE`` measures all three on the GPU at hand
+(same method: a plain ``copy_``, 8192^3 matmuls on random data), and ``--ceilings FILE`` makes a
+benchmark run use those numbers instead of the defaults.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 
 import torch
+
+KINDS = ("memory", "compute:bf16", "compute:fp8")
 
 # Datasheet peaks (NVIDIA H200 SXM; dense, i.e. without 2:4 sparsity).
 H200_DATASHEET = {"memory": 4.8e12, "compute:bf16": 989e12, "compute:fp8": 1979e12}
@@ -29,11 +35,11 @@ class Ceiling:
         return f"{self.value / 1e12:.1f} {self.unit} ({self.source})"
 
 
-H200_MEASURED = {
-    "memory": Ceiling(4.3e12, "H200 device copy, measured 2026-11-29", "TB/s"),
-    "compute:bf16": Ceiling(788e12, "H200 bf16 8192^3 torch.matmul, measured 2026-11-29"),
-    # no FP8 matmul was measured yet: the datasheet peak stands in until `ceilings` runs
-    "compute:fp8": Ceiling(H200_DATASHEET["compute:fp8"], "H200 FP8 datasheet peak, not measured"),
+_NOT_OURS = "measured on an H200 outside this project"
+H200_DEFAULTS = {
+    "memory": Ceiling(4.3e12, f"torch device copy_, read + write counted, {_NOT_OURS}", "TB/s"),
+    "compute:bf16": Ceiling(788e12, f"bf16 8192^3 torch.matmul on random data, 769-798 over runs, {_NOT_OURS}"),
+    "compute:fp8": Ceiling(H200_DATASHEET["compute:fp8"], "H200 FP8 dense datasheet peak, not measured"),
 }
 
 
@@ -44,10 +50,30 @@ def percent(kind: str, bytes_per_s: float, flops_per_s: float, ceilings: dict[st
 
 
 def load(path: str) -> dict[str, Ceiling]:
-    """Ceilings written by ``glm45-bench ceilings --json PATH`` (kinds it lacks keep the defaults)."""
+    """Ceilings written by ``glm45-bench ceilings --json PATH`` (kinds it lacks keep the defaults).
+
+    ``OSError`` when the file cannot be read, ``ValueError`` saying what is wrong when it is not
+    such a file."""
     with open(path) as f:
-        data = json.load(f)["ceilings"]
-    return {**H200_MEASURED, **{k: Ceiling(**v) for k, v in data.items()}}
+        try:
+            data = json.load(f)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ValueError(f"not JSON: {e}") from None
+    ceilings = data.get("ceilings") if isinstance(data, dict) else None
+    if not isinstance(ceilings, dict) or not ceilings:
+        raise ValueError('no "ceilings" object in it (`glm45-bench ceilings --json PATH` writes one)')
+    names = {f.name for f in fields(Ceiling)}
+    out = dict(H200_DEFAULTS)
+    for kind, c in ceilings.items():
+        if kind not in KINDS:
+            raise ValueError(f"unknown ceiling kind {kind!r} (expected {', '.join(KINDS)})")
+        if not isinstance(c, dict) or not {"value", "source"} <= set(c) <= names:
+            raise ValueError(f"ceiling {kind!r} must be an object with value, source and optionally unit")
+        value = c["value"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"ceiling {kind!r}: value must be a positive number, got {value!r}")
+        out[kind] = Ceiling(float(value), str(c["source"]), str(c.get("unit", Ceiling.unit)))
+    return out
 
 
 def dump(ceilings: dict[str, Ceiling]) -> dict[str, dict]:
@@ -82,13 +108,16 @@ def _matmul(device: torch.device, fp8: bool, n: int = 8192) -> tuple[float, floa
 
 def measure(device: torch.device) -> dict[str, tuple[Ceiling, str]]:
     """Measure copy bandwidth and bf16/fp8 matmul throughput on ``device`` (a GPU):
-    ``{kind: (ceiling, how long one call took)}``."""
+    ``{kind: (ceiling, how long one call took)}``; each source names the GPU and the date."""
+    import datetime
+
     name = torch.cuda.get_device_name(device)
+    day = datetime.date.today().isoformat()
     bw, bw_us = _copy(device)
     bf16, bf16_us = _matmul(device, fp8=False)
     fp8, fp8_us = _matmul(device, fp8=True)
     return {
-        "memory": (Ceiling(bw, f"{name} 4 GiB copy_, measured", "TB/s"), f"{bw_us:.0f} us"),
-        "compute:bf16": (Ceiling(bf16, f"{name} bf16 8192^3 matmul, measured"), f"{bf16_us:.0f} us"),
-        "compute:fp8": (Ceiling(fp8, f"{name} fp8 8192^3 _scaled_mm fast-accum, measured"), f"{fp8_us:.0f} us"),
+        "memory": (Ceiling(bw, f"{name} 4 GiB copy_, read + write counted, measured {day}", "TB/s"), f"{bw_us:.0f} us"),
+        "compute:bf16": (Ceiling(bf16, f"{name} bf16 8192^3 matmul, measured {day}"), f"{bf16_us:.0f} us"),
+        "compute:fp8": (Ceiling(fp8, f"{name} fp8 8192^3 _scaled_mm fast-accum, measured {day}"), f"{fp8_us:.0f} us"),
     }

@@ -21,9 +21,10 @@ from typing import Any, Callable
 import torch
 
 from glm45_ops import gemm, quant
-from glm45_ops.bench.case import BenchContext, Case, Skip, op_runner, randn, require
+from glm45_ops.bench.case import BenchContext, Case, Skip, gpu_only, op_runner, peer_import, randn, require, smoke
 from glm45_ops.config import ModelConfig
 from glm45_ops.reference.quant import FP8_DTYPE
+from glm45_ops.testing import calc_diff
 
 FAMILY = "gemm"
 BLOCK = gemm.GEMM_BLOCK
@@ -31,7 +32,7 @@ OUT_DTYPE = torch.bfloat16
 GPU_EXTRA_TOKENS = (4096, 16)
 MEMORY_BOUND_MAX_M = 128  # at or below: the weight read dominates (intensity < ~256 FLOP/B)
 LINEAR_MIN_M = 512
-_PEERS = ("scaled_mm", "torch.matmul bf16", "deep_gemm")
+SIMILARITY_LIMIT = 1e-4
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -55,82 +56,75 @@ def linear_shapes(cfg: ModelConfig) -> list[tuple[str, int, int]]:
 
 def close(out: torch.Tensor, ref: torch.Tensor) -> str | None:
     """Both are fp32 sums of the same products rounded once to bf16: DeepGEMM's similarity
-    ``1 - 2 sum(xy) / sum(x^2 + y^2)`` below 1e-4, and no element off by more than two bf16
+    (:func:`glm45_ops.testing.calc_diff`) below 1e-4, and no element off by more than two bf16
     ulps of the largest output (summation order can move a cancelling element by more than its
     own ulp, never by more than that)."""
     if out.shape != ref.shape:
         return f"shape {list(out.shape)} vs reference {list(ref.shape)}"
-    x, y = out.double(), ref.to(out.device).double()
-    if not torch.isfinite(x).all():
+    if not torch.isfinite(out).all():
         return "non-finite outputs"
-    diff = 1 - 2 * (x * y).sum().item() / max((x * x + y * y).sum().item(), 1e-300)
-    worst = (x - y).abs().max().item()
-    limit = 2.0**-7 * y.abs().max().item()
-    if diff >= 1e-4 or worst > limit:
-        return f"similarity diff {diff:.2e} (limit 1e-4), max error {worst:.3g} (limit {limit:.3g})"
+    diff = calc_diff(out, ref)
+    worst = (out.double() - ref.double()).abs().max().item()
+    limit = 2.0**-7 * ref.double().abs().max().item()
+    if diff >= SIMILARITY_LIMIT or worst > limit:
+        return f"similarity diff {diff:.2e} (limit {SIMILARITY_LIMIT:.0e}), max error {worst:.3g} (limit {limit:.3g})"
     return None
 
 
-def _operands(m: int, n: int, k: int, device: torch.device, gen: torch.Generator):
+def _operands(m: int, n: int, k: int):
     """Activations quantized 1x128 with MN-major scales (what fp8_linear feeds the GEMM), and a
     weight quantized 128x128 like an FP8 checkpoint's."""
-    x = randn((m, k), torch.bfloat16, device, gen)
-    w = randn((n, k), torch.bfloat16, device, gen, std=0.02)
-    a, a_scale = quant.per_token_group_quant_fp8(x, BLOCK, column_major_scales=True)
-    b, b_scale = quant.per_block_quant_fp8(w, BLOCK)
-    return a, a_scale, b, b_scale
+    def inputs(device: torch.device, gen: torch.Generator):
+        x = randn((m, k), torch.bfloat16, device, gen)
+        w = randn((n, k), torch.bfloat16, device, gen, std=0.02)
+        a, a_scale = quant.per_token_group_quant_fp8(x, BLOCK, column_major_scales=True)
+        b, b_scale = quant.per_block_quant_fp8(w, BLOCK)
+        return a, a_scale, b, b_scale
+
+    return inputs
 
 
 # ---------------------------------------------------------------------------------------------
-# Peers: each returns a runner or raises Skip; ``_smoke`` calls it once so API drift is a skip.
+# Peers: factory(device, gen, a, a_scale, b, b_scale) -> runner, or Skip.
 # ---------------------------------------------------------------------------------------------
 
-def _smoke(peer: str, run: Callable[[], Any]) -> Callable[[], Any]:
-    try:
-        run()
-    except Exception as e:  # a peer's API drift must not stop the benchmark
-        raise Skip(f"{peer} call failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    return run
+def _matmul_bf16(device, gen, a, a_scale, b, b_scale) -> Callable[[], Any]:
+    """The bf16 layer FP8 replaces: the same values, dequantized, no scales in the loop."""
+    x = quant.dequant_fp8(a, a_scale, 1, BLOCK, torch.bfloat16, backend="torch")
+    w_t = quant.dequant_fp8(b, b_scale, BLOCK, BLOCK, torch.bfloat16, backend="torch").t()
+    return smoke("torch.matmul bf16", lambda: torch.matmul(x, w_t))
 
 
-def _scaled_mm(a, a_scale, b, b_scale) -> Callable[[], Any]:
-    # cuBLAS wants the 1x128 scales outer-dim (M) major and the weight as a column-major [K, N]
+def _scaled_mm(device, gen, a, a_scale, b, b_scale) -> Callable[[], Any]:
+    """cuBLAS blockwise; it wants the 1x128 scales outer-dim (M) major and the weight as a
+    column-major [K, N]."""
+    gpu_only("scaled_mm", device)
     sa = a_scale.t().contiguous().t()
     sb = b_scale.t()
     f = getattr(torch.nn.functional, "scaled_mm", None)
     if f is not None and hasattr(torch.nn.functional, "ScalingType"):
         st = torch.nn.functional.ScalingType
-        return lambda: f(a, b.t(), sa, st.BlockWise1x128, sb, st.BlockWise128x128, output_dtype=OUT_DTYPE)
-    return lambda: torch._scaled_mm(a, b.t(), sa, sb, out_dtype=OUT_DTYPE)
+        return smoke("scaled_mm", lambda: f(a, b.t(), sa, st.BlockWise1x128, sb, st.BlockWise128x128,
+                                            output_dtype=OUT_DTYPE))
+    return smoke("scaled_mm", lambda: torch._scaled_mm(a, b.t(), sa, sb, out_dtype=OUT_DTYPE))
 
 
-def _deep_gemm(a, a_scale, b, b_scale) -> Callable[[], Any]:
-    try:
-        import deep_gemm
-    except Exception as e:
-        raise Skip(f"deep_gemm (source install) not importable ({type(e).__name__})") from None
-    out = torch.empty(a.shape[0], b.shape[0], dtype=OUT_DTYPE, device=a.device)
-    fn = getattr(deep_gemm, "fp8_gemm_nt", None) or getattr(deep_gemm, "gemm_fp8_fp8_bf16_nt")
+def _deep_gemm(device, gen, a, a_scale, b, b_scale) -> Callable[[], Any]:
+    gpu_only("deep_gemm", device)
+    dg = peer_import("deep_gemm (source install)", "deep_gemm")
+    fn = getattr(dg, "fp8_gemm_nt", None) or getattr(dg, "gemm_fp8_fp8_bf16_nt", None)
+    if fn is None:
+        raise Skip("deep_gemm has neither fp8_gemm_nt nor gemm_fp8_fp8_bf16_nt")
+    out = torch.empty(a.shape[0], b.shape[0], dtype=OUT_DTYPE, device=device)
 
     def run():
         fn((a, a_scale), (b, b_scale), out)
         return out
 
-    return run
+    return smoke("deep_gemm", run)
 
 
-def _peer(peer: str, a, a_scale, b, b_scale) -> Callable[[], Any]:
-    if peer == "torch.matmul bf16":  # the bf16 layer FP8 replaces: same values, no scales
-        x = quant.dequant_fp8(a, a_scale, 1, BLOCK, torch.bfloat16, backend="torch")
-        w_t = quant.dequant_fp8(b, b_scale, BLOCK, BLOCK, torch.bfloat16, backend="torch").t()
-        return _smoke(peer, lambda: torch.matmul(x, w_t))
-    if a.device.type != "cuda":
-        raise Skip(f"{peer} runs on GPU only")
-    if peer == "scaled_mm":
-        return _smoke(peer, _scaled_mm(a, a_scale, b, b_scale))
-    if peer == "deep_gemm":
-        return _smoke(peer, _deep_gemm(a, a_scale, b, b_scale))
-    raise Skip(f"unknown peer {peer!r}")
+_PEERS = {"scaled_mm": _scaled_mm, "torch.matmul bf16": _matmul_bf16, "deep_gemm": _deep_gemm}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,22 +132,17 @@ def _peer(peer: str, a, a_scale, b, b_scale) -> Callable[[], Any]:
 # ---------------------------------------------------------------------------------------------
 
 def _gemm_bytes(m: int, n: int, k: int, in_bytes_a: int) -> int:
-    scales = 4 * (m + _cdiv(n, BLOCK)) * (k // BLOCK)
+    scales = 4 * (m + _cdiv(n, BLOCK)) * _cdiv(k, BLOCK)
     return m * k * in_bytes_a + n * k + scales + m * n * OUT_DTYPE.itemsize
 
 
 def _gemm_case(layer: str, m: int, n: int, k: int) -> Case:
-    def make(backend: str, device: torch.device, gen: torch.Generator):
-        ops = _operands(m, n, k, device, gen)
-        if backend in _PEERS:
-            return _peer(backend, *ops)
-        return op_runner(gemm.fp8_block_gemm, backend, device, *ops, OUT_DTYPE)
-
     return Case(
         family=FAMILY,
         name=f"fp8_block_gemm {layer} M={m}",
         shape=f"[{m}, {k}] x [{n}, {k}] e4m3 -> bf16",
-        make=make,
+        inputs=_operands(m, n, k),
+        run=lambda backend, device, *ops: op_runner(gemm.fp8_block_gemm, backend, device, *ops, OUT_DTYPE),
         bytes_moved=_gemm_bytes(m, n, k, FP8_DTYPE.itemsize),
         flops=2 * m * n * k,
         roofline="memory" if m <= MEMORY_BOUND_MAX_M else "compute:fp8",
@@ -164,9 +153,12 @@ def _gemm_case(layer: str, m: int, n: int, k: int) -> Case:
 
 
 def _linear_case(layer: str, m: int, n: int, k: int) -> Case:
-    def make(backend: str, device: torch.device, gen: torch.Generator):
+    def inputs(device: torch.device, gen: torch.Generator):
         x = randn((m, k), torch.bfloat16, device, gen)
         w_q, w_s = quant.per_block_quant_fp8(randn((n, k), torch.bfloat16, device, gen, std=0.02), BLOCK)
+        return x, w_q, w_s
+
+    def run(backend: str, device: torch.device, x, w_q, w_s):
         # fp8_linear is a composition of two ops, not an op: both must run on this backend
         require(quant.per_token_group_quant_fp8, backend, device)
         require(gemm.fp8_block_gemm, backend, device)
@@ -176,7 +168,8 @@ def _linear_case(layer: str, m: int, n: int, k: int) -> Case:
         family=FAMILY,
         name=f"fp8_linear {layer} M={m}",
         shape=f"[{m}, {k}] bf16 x [{n}, {k}] e4m3 -> bf16",
-        make=make,
+        inputs=inputs,
+        run=run,
         bytes_moved=_gemm_bytes(m, n, k, torch.bfloat16.itemsize),
         flops=2 * m * n * k,
         roofline="memory" if m <= MEMORY_BOUND_MAX_M else "compute:fp8",

@@ -29,7 +29,7 @@ import math
 import torch
 
 from glm45_ops import muon
-from glm45_ops.bench.case import BenchContext, Case, Skip, op_runner, randn, require, smoke
+from glm45_ops.bench.case import BenchContext, Case, Skip, randn, require, smoke
 from glm45_ops.config import ModelConfig
 
 FAMILY = "muon"
@@ -55,7 +55,7 @@ def close(out, ref) -> str | None:
     for i, (o, r) in enumerate(zip(outs, refs)):
         if o.shape != r.shape:
             return f"output {i}: shape {list(o.shape)} vs reference {list(r.shape)}"
-        x, y = o.double(), r.to(o.device).double()
+        x, y = o.double(), r.double()
         if not torch.isfinite(x).all():
             return f"output {i}: non-finite values"
         rel = ((x - y).norm() / y.norm().clamp(min=1e-300)).item()
@@ -69,43 +69,53 @@ def _fmt(shape) -> str:
 
 
 def _ns_flops(shape) -> int:
-    return STEPS * math.prod(shape[:-2]) * muon._ns_flops(shape)
+    """All ``STEPS`` of every matrix in ``shape`` ``[..., r, c]``, with m = min(r, c) and
+    n = max(r, c): per step X X^T 2 m^2 n, A A 2 m^3, B X 2 m^2 n."""
+    m, n = sorted(shape[-2:])
+    return STEPS * math.prod(shape[:-2]) * (4 * m * m * n + 2 * m**3)
 
 
 def _torch_ns(g: torch.Tensor) -> torch.Tensor:
     """torch's routine on a copy: on a bf16 input it normalises that input in place (its
     ``grad.bfloat16()`` is no copy), which would change the peer's input from call to call.
-    The copy costs under 2% of the routine's time at these shapes."""
+    The copy costs under 2% of the routine's time at these shapes. (The routine is private to
+    torch, but it is exactly what ``torch.optim.Muon`` runs.)"""
     from torch.optim._muon import _zeropower_via_newtonschulz
 
     return _zeropower_via_newtonschulz(g.clone(), COEFFICIENTS, STEPS, EPS)
 
 
+def _ns_peer(device, gen, G):
+    if G.dim() == 2:
+        return smoke(_PEER, lambda: _torch_ns(G))
+    out = torch.empty_like(G)
+
+    def loop():
+        for e in range(G.shape[0]):
+            out[e].copy_(_torch_ns(G[e]))
+        return out
+
+    return smoke(_PEER, loop)
+
+
+def _ns_run(backend: str, device: torch.device, G: torch.Tensor):
+    # newton_schulz's Python API takes coefficient triples, its op the flattened schedule: so
+    # not op_runner (which binds the op's own arguments); the case's ``close`` is the rule
+    require(muon.newton_schulz, backend, device)
+    return lambda: muon.newton_schulz(G, STEPS, COEFFICIENTS, EPS, backend=backend)
+
+
 def _ns_case(label: str, shape: tuple[int, ...], notes: str = "") -> Case:
-    def make(backend: str, device: torch.device, gen: torch.Generator):
-        G = randn(shape, DTYPE, device, gen)
-        if backend != _PEER:
-            return op_runner(muon.newton_schulz, backend, device, G, STEPS, None, EPS)
-        if G.dim() == 2:
-            return smoke(backend, lambda: _torch_ns(G))
-        out = torch.empty_like(G)
-
-        def loop():
-            for e in range(G.shape[0]):
-                out[e].copy_(_torch_ns(G[e]))
-            return out
-
-        return smoke(backend, loop)
-
     return Case(
         family=FAMILY,
         name=f"newton_schulz {label}",
         shape=_fmt(shape),
-        make=make,
+        inputs=lambda device, gen: (randn(shape, DTYPE, device, gen),),
+        run=_ns_run,
         bytes_moved=2 * math.prod(shape) * DTYPE.itemsize,
         flops=_ns_flops(shape),
         roofline="compute:bf16",
-        peers=(_PEER,),
+        peers={_PEER: _ns_peer},
         compare=close,
         notes=notes,
         params={"shape": list(shape), "steps": STEPS, "coefficients": list(COEFFICIENTS)},
@@ -138,42 +148,46 @@ def _step_case(cfg: ModelConfig, on_gpu: bool) -> Case:
     elems = sum(math.prod(s) for s in shapes)
     kwargs = dict(lr=LR, weight_decay=WEIGHT_DECAY, momentum=MOMENTUM, adjust_lr_fn="match_rms_adamw")
 
-    def make(backend: str, device: torch.device, gen: torch.Generator):
-        if backend == "triton" and not on_gpu:
-            raise Skip("a whole layer takes minutes in the Triton interpreter: GPU only")
-        if backend != _PEER:
-            require(muon.newton_schulz, backend, device)
+    def inputs(device: torch.device, gen: torch.Generator):
         params = [randn(s, DTYPE, device, gen, std=0.02) for s in shapes]
         grads = [randn(s, DTYPE, device, gen, std=1e-3) for s in shapes]
-        if backend == _PEER:  # 2-D only: every expert is its own parameter, a view into its stack
-            leaves = [pair for p, g in zip(params, grads)
-                      for pair in ([(p, g)] if p.dim() == 2 else zip(p.unbind(0), g.unbind(0)))]
-            opt_params = [torch.nn.Parameter(p) for p, _ in leaves]
-            for param, (_, g) in zip(opt_params, leaves):
-                param.grad = g
-            opt = torch.optim.Muon(opt_params, **kwargs)
-        else:
-            opt_params = [torch.nn.Parameter(p) for p in params]
-            for param, g in zip(opt_params, grads):
-                param.grad = g
-            opt = muon.Muon(opt_params, **kwargs, backend=backend)
+        return params, grads
 
+    def stepper(opt: torch.optim.Optimizer, params: list[torch.Tensor]):
         def step():
             opt.step()
             return params
 
         return step
 
+    def run(backend: str, device: torch.device, params, grads):
+        if backend == "triton" and not on_gpu:
+            raise Skip("a whole layer takes minutes in the Triton interpreter: GPU only")
+        require(muon.newton_schulz, backend, device)
+        opt_params = [torch.nn.Parameter(p) for p in params]
+        for param, g in zip(opt_params, grads):
+            param.grad = g
+        return stepper(muon.Muon(opt_params, **kwargs, backend=backend), params)
+
+    def peer(device, gen, params, grads):  # 2-D only: every expert is its own parameter, a view into its stack
+        leaves = [pair for p, g in zip(params, grads)
+                  for pair in ([(p, g)] if p.dim() == 2 else zip(p.unbind(0), g.unbind(0)))]
+        opt_params = [torch.nn.Parameter(p) for p, _ in leaves]
+        for param, (_, g) in zip(opt_params, leaves):
+            param.grad = g
+        return stepper(torch.optim.Muon(opt_params, **kwargs), params)
+
     return Case(
         family=FAMILY,
         name=f"Muon.step {cfg.name} moe layer",
         shape=f"{len(shapes)} matrices, {elems / 1e6:,.1f}M params bf16",
-        make=make,
+        inputs=inputs,
+        run=run,
         # param r+w, grad r, momentum r+w, NS input r + output w: 7 bf16 passes per element
         bytes_moved=7 * elems * DTYPE.itemsize,
         flops=sum(_ns_flops(s) for s in shapes),
         roofline="compute:bf16",
-        peers=(_PEER,),
+        peers={_PEER: peer},
         compare=close,
         notes="match_rms_adamw, Nesterov; peer: torch.optim.Muon with one parameter per expert",
         params={"matrices": [[n, list(s)] for n, s in moe_layer_matrices(cfg)], **kwargs},

@@ -8,7 +8,8 @@
 * ``requant_fp8_weights``: every quantized weight of one TP8 rank (see :func:`tp8_shard_shapes`).
 
 All are memory-bound (a few FLOPs per element): the ceiling is copy bandwidth. Every backend
-must match the torch reference bit for bit.
+must match the torch reference bit for bit (the ops declare no looser ``compare``). Peers:
+``torch.compile`` of the reference (headline cases), vLLM, sgl-kernel and DeepGEMM's quantizers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Callable
 import torch
 
 from glm45_ops import quant
-from glm45_ops.bench.case import BenchContext, Case, Skip, bit_exact, compile_peer, op_runner, randn, require, smoke
+from glm45_ops.bench.case import (BenchContext, Case, PeerFactory, Skip, compile_peer, gpu_only, op_outputs, op_runner,
+                                  peer_import, randn, require, smoke)
 from glm45_ops.config import ModelConfig
 from glm45_ops.reference import quant as ref
 
@@ -28,17 +30,10 @@ FAMILY = "quant"
 GROUP = 128
 EPS = 1e-4
 ACT_DTYPE = torch.bfloat16
-_PEERS_PTGQ = ("torch.compile", "vllm", "sgl_kernel", "deep_gemm")
-_PEERS_PBQ = ("torch.compile", "deep_gemm")
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _peers(peers: tuple[str, ...], headline: bool) -> tuple[str, ...]:
-    # torch.compile costs an inductor compile per case (seconds): only headline cases get it
-    return peers if headline else tuple(p for p in peers if p != "torch.compile")
 
 
 def _fmt(shape, dtype=ACT_DTYPE) -> str:
@@ -47,58 +42,63 @@ def _fmt(shape, dtype=ACT_DTYPE) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Peers: other libraries' implementations of the same computation, found when importable.
-# Each returns a runner or raises Skip.
+# Each is factory(device, gen, *inputs) -> runner, or raises Skip.
 # ---------------------------------------------------------------------------------------------
 
-def _ptgq_peer(peer: str, x: torch.Tensor, ue8m0: bool, column_major: bool) -> Callable:
-    if x.device.type != "cuda" and peer != "torch.compile":
-        raise Skip(f"{peer} runs on GPU only")
-    if peer == "torch.compile":
-        fn = compile_peer(functools.partial(ref.per_token_group_quant_fp8_ref, group_size=GROUP, eps=EPS,
-                                         scale_ue8m0=ue8m0), x.device)
-        return smoke(peer, lambda: fn(x))
-    if peer == "vllm":
-        try:
-            from vllm.model_executor.layers.quantization.utils.fp8_utils import per_token_group_quant_fp8
-        except Exception as e:
-            raise Skip(f"vllm not importable ({type(e).__name__})") from None
-        return smoke(peer, lambda: per_token_group_quant_fp8(
-            x, GROUP, eps=EPS, column_major_scales=column_major, use_ue8m0=ue8m0))
-    if peer == "sgl_kernel":
-        try:
-            from sgl_kernel import sgl_per_token_group_quant_fp8
-        except Exception as e:
-            raise Skip(f"sgl_kernel not importable ({type(e).__name__})") from None
-        x_q, scale = quant._alloc_ptgq(x, GROUP, column_major)
-
-        def run():
-            sgl_per_token_group_quant_fp8(x, x_q, scale, GROUP, EPS, -quant.E4M3_MAX, quant.E4M3_MAX, ue8m0)
-            return x_q, scale
-
-        return smoke(peer, run)
-    if peer == "deep_gemm":
-        try:
-            from deep_gemm.utils import per_token_cast_to_fp8
-        except Exception as e:
-            raise Skip(f"deep_gemm (source install) not importable ({type(e).__name__})") from None
-        return smoke(peer, lambda: per_token_cast_to_fp8(x, use_ue8m0=ue8m0))
-    raise Skip(f"unknown peer {peer!r}")
+def _ptgq_compiled(device, gen, x, *, ue8m0: bool, column_major: bool):
+    fn = compile_peer(functools.partial(ref.per_token_group_quant_fp8_ref, group_size=GROUP, eps=EPS,
+                                        scale_ue8m0=ue8m0), device)
+    return smoke("torch.compile", lambda: fn(x))
 
 
-def _pbq_peer(peer: str, w: torch.Tensor, ue8m0: bool) -> Callable:
-    if peer == "torch.compile":
-        fn = compile_peer(functools.partial(ref.per_block_quant_fp8_ref, block_size=GROUP, eps=EPS,
-                                         scale_ue8m0=ue8m0), w.device)
-        return smoke(peer, lambda: fn(w))
-    if peer == "deep_gemm":
-        if w.device.type != "cuda" or w.dim() != 2:
-            raise Skip("deep_gemm's per_block_cast_to_fp8 takes one 2-D weight on GPU")
-        try:
-            from deep_gemm.utils import per_block_cast_to_fp8
-        except Exception as e:
-            raise Skip(f"deep_gemm (source install) not importable ({type(e).__name__})") from None
-        return smoke(peer, lambda: per_block_cast_to_fp8(w, use_ue8m0=ue8m0))
-    raise Skip(f"unknown peer {peer!r}")
+def _ptgq_vllm(device, gen, x, *, ue8m0: bool, column_major: bool):
+    gpu_only("vllm", device)
+    fn = peer_import("vllm", "vllm.model_executor.layers.quantization.utils.fp8_utils", "per_token_group_quant_fp8")
+    return smoke("vllm", lambda: fn(x, GROUP, eps=EPS, column_major_scales=column_major, use_ue8m0=ue8m0))
+
+
+def _ptgq_sgl_kernel(device, gen, x, *, ue8m0: bool, column_major: bool):
+    gpu_only("sgl_kernel", device)
+    fn = peer_import("sgl_kernel", "sgl_kernel", "sgl_per_token_group_quant_fp8")
+    x_q, scale = op_outputs(quant.per_token_group_quant_fp8, x, GROUP, EPS, ue8m0, column_major)
+
+    def run():
+        fn(x, x_q, scale, GROUP, EPS, -quant.E4M3_MAX, quant.E4M3_MAX, ue8m0)
+        return x_q, scale
+
+    return smoke("sgl_kernel", run)
+
+
+def _ptgq_deep_gemm(device, gen, x, *, ue8m0: bool, column_major: bool):
+    gpu_only("deep_gemm", device)
+    fn = peer_import("deep_gemm (source install)", "deep_gemm.utils", "per_token_cast_to_fp8")
+    return smoke("deep_gemm", lambda: fn(x, use_ue8m0=ue8m0))
+
+
+def _pbq_compiled(device, gen, w, *, ue8m0: bool):
+    fn = compile_peer(functools.partial(ref.per_block_quant_fp8_ref, block_size=GROUP, eps=EPS, scale_ue8m0=ue8m0),
+                      device)
+    return smoke("torch.compile", lambda: fn(w))
+
+
+def _pbq_deep_gemm(device, gen, w, *, ue8m0: bool):
+    gpu_only("deep_gemm", device)
+    if w.dim() != 2:
+        raise Skip("deep_gemm's per_block_cast_to_fp8 takes one 2-D weight")
+    fn = peer_import("deep_gemm (source install)", "deep_gemm.utils", "per_block_cast_to_fp8")
+    return smoke("deep_gemm", lambda: fn(w, use_ue8m0=ue8m0))
+
+
+def _peers(factories: dict[str, Callable], headline: bool, **params) -> dict[str, PeerFactory]:
+    """The factories with this case's parameters bound. torch.compile costs an inductor
+    compile per case (seconds): only headline cases get it."""
+    return {name: functools.partial(f, **params) for name, f in factories.items()
+            if headline or name != "torch.compile"}
+
+
+_PTGQ_PEERS = {"torch.compile": _ptgq_compiled, "vllm": _ptgq_vllm, "sgl_kernel": _ptgq_sgl_kernel,
+               "deep_gemm": _ptgq_deep_gemm}
+_PBQ_PEERS = {"torch.compile": _pbq_compiled, "deep_gemm": _pbq_deep_gemm}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,21 +106,16 @@ def _pbq_peer(peer: str, w: torch.Tensor, ue8m0: bool) -> Callable:
 # ---------------------------------------------------------------------------------------------
 
 def _ptgq_case(m: int, k: int, ue8m0: bool, column_major: bool, headline: bool = False) -> Case:
-    def make(backend: str, device: torch.device, gen: torch.Generator):
-        x = randn((m, k), ACT_DTYPE, device, gen)
-        if backend in _PEERS_PTGQ:
-            return _ptgq_peer(backend, x, ue8m0, column_major)
-        return op_runner(quant.per_token_group_quant_fp8, backend, device, x, GROUP, EPS, ue8m0, column_major)
-
     variant = "".join((" col-major" if column_major else "", " ue8m0" if ue8m0 else ""))
     return Case(
         family=FAMILY,
         name=f"per_token_group_quant_fp8 M={m}{variant}",
         shape=_fmt((m, k)),
-        make=make,
-        bytes_moved=m * k * (ACT_DTYPE.itemsize + 1) + 4 * m * (k // GROUP),
-        peers=_peers(_PEERS_PTGQ, headline),
-        compare=bit_exact,
+        inputs=lambda device, gen: (randn((m, k), ACT_DTYPE, device, gen),),
+        run=lambda backend, device, x: op_runner(quant.per_token_group_quant_fp8, backend, device, x, GROUP, EPS,
+                                                 ue8m0, column_major),
+        bytes_moved=m * k * (ACT_DTYPE.itemsize + 1) + 4 * m * _cdiv(k, GROUP),
+        peers=_peers(_PTGQ_PEERS, headline, ue8m0=ue8m0, column_major=column_major),
         params={"M": m, "K": k, "group_size": GROUP, "scale_ue8m0": ue8m0, "column_major_scales": column_major},
     )
 
@@ -128,21 +123,14 @@ def _ptgq_case(m: int, k: int, ue8m0: bool, column_major: bool, headline: bool =
 def _pbq_case(label: str, shape: tuple[int, ...], ue8m0: bool = False, headline: bool = False) -> Case:
     n, k = shape[-2:]
     n_scales = prod(shape[:-2]) * _cdiv(n, GROUP) * _cdiv(k, GROUP)
-
-    def make(backend: str, device: torch.device, gen: torch.Generator):
-        w = randn(shape, ACT_DTYPE, device, gen, std=0.02)
-        if backend in _PEERS_PBQ:
-            return _pbq_peer(backend, w, ue8m0)
-        return op_runner(quant.per_block_quant_fp8, backend, device, w, GROUP, EPS, ue8m0)
-
     return Case(
         family=FAMILY,
         name=f"per_block_quant_fp8 {label}{' ue8m0' if ue8m0 else ''}",
         shape=_fmt(shape),
-        make=make,
+        inputs=lambda device, gen: (randn(shape, ACT_DTYPE, device, gen, std=0.02),),
+        run=lambda backend, device, w: op_runner(quant.per_block_quant_fp8, backend, device, w, GROUP, EPS, ue8m0),
         bytes_moved=prod(shape) * (ACT_DTYPE.itemsize + 1) + 4 * n_scales,
-        peers=_peers(_PEERS_PBQ, headline),
-        compare=bit_exact,
+        peers=_peers(_PBQ_PEERS, headline, ue8m0=ue8m0),
         params={"shape": list(shape), "block_size": GROUP, "scale_ue8m0": ue8m0},
     )
 
@@ -151,18 +139,19 @@ def _dequant_case(label: str, shape: tuple[int, ...], block: tuple[int, int]) ->
     bm, bn = block
     scale_shape = (*shape[:-2], _cdiv(shape[-2], bm), _cdiv(shape[-1], bn))
 
-    def make(backend: str, device: torch.device, gen: torch.Generator):
+    def inputs(device: torch.device, gen: torch.Generator):
         x_q = randn(shape, torch.float32, device, gen, std=64.0).clamp(-448, 448).to(quant.FP8_DTYPE)
         scale = torch.rand(scale_shape, generator=gen, device=device) * 1e-2 + 1e-4
-        return op_runner(quant.dequant_fp8, backend, device, x_q, scale, bm, bn, ACT_DTYPE)
+        return x_q, scale
 
     return Case(
         family=FAMILY,
         name=f"dequant_fp8 {label} {bm}x{bn}",
         shape=_fmt(shape, quant.FP8_DTYPE),
-        make=make,
+        inputs=inputs,
+        run=lambda backend, device, x_q, scale: op_runner(quant.dequant_fp8, backend, device, x_q, scale, bm, bn,
+                                                          ACT_DTYPE),
         bytes_moved=prod(shape) * (1 + ACT_DTYPE.itemsize) + 4 * prod(scale_shape),
-        compare=bit_exact,
         params={"shape": list(shape), "block_m": bm, "block_n": bn},
     )
 
@@ -207,22 +196,24 @@ def _shard_case(cfg: ModelConfig) -> Case:
     elems = sum(prod(s) * c for _, s, c in shapes)
     scales = sum(prod(s[:-2]) * _cdiv(s[-2], GROUP) * _cdiv(s[-1], GROUP) * c for _, s, c in shapes)
 
-    def make(backend: str, device: torch.device, gen: torch.Generator):
+    def inputs(device: torch.device, gen: torch.Generator):
         # One bf16 tensor per distinct weight, reused by every layer: a real shard is
         # ~88 GB of bf16 (GLM-4.5), too much next to its 44 GB of FP8 output. Each expert
         # tensor is far larger than L2, so reuse does not flatter the timing.
-        require(quant.per_block_quant_fp8, backend, device)
         distinct = [randn(s, ACT_DTYPE, device, gen, std=0.02) for _, s, _ in shapes]
-        weights = [w for w, (_, _, c) in zip(distinct, shapes) for _ in range(c)]
+        return ([w for w, (_, _, c) in zip(distinct, shapes) for _ in range(c)],)
+
+    def run(backend: str, device: torch.device, weights: list[torch.Tensor]):
+        require(quant.per_block_quant_fp8, backend, device)
         return lambda: quant.requant_fp8_weights(weights, GROUP, EPS, backend=backend)
 
     return Case(
         family=FAMILY,
         name=f"requant_fp8_weights {cfg.name} TP8 shard",
         shape=f"{sum(c for *_, c in shapes)} weights, {elems / 1e6:,.1f}M params bf16",
-        make=make,
+        inputs=inputs,
+        run=run,
         bytes_moved=elems * (ACT_DTYPE.itemsize + 1) + 4 * scales,
-        compare=bit_exact,
         notes="one rank of --tp 8 --ep 8; see tp8_shard_shapes",
         params={"weights": [[n, list(s), c] for n, s, c in shapes]},
     )

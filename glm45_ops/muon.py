@@ -2,7 +2,9 @@
 
 Op (schema below; definition and coefficient presets in :mod:`glm45_ops.reference.muon`):
 
-* ``newton_schulz(G, steps=5, coefficients=None, eps=1e-7, norm_scale=1.0) -> X``
+* ``newton_schulz(G, steps=5, coefficients=None, eps=1e-7, norm_scale=None) -> X`` (the raw op
+  takes ``coefficients`` flattened, ``3 * k`` floats; ``norm_scale`` None is the schedule's: 1
+  there, since presets are resolved by the Python function)
 
 Backends: ``torch`` (the reference loop), ``triton`` (symmetric kernels: only the upper-triangle
 tiles of ``X X^T`` and ``b A + c A A`` are computed, then mirrored; fused epilogues; one launch
@@ -26,8 +28,8 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 
-from glm45_ops._registry import Op
-from glm45_ops.reference.muon import PRESETS, Coefficients, newton_schulz_ref, ns_schedule
+from glm45_ops._registry import ErrorInput, Op, Sample
+from glm45_ops.reference.muon import PRESETS, Coefficients, newton_schulz_ref, ns_schedule, resolve_coefficients
 
 __all__ = ["PRESETS", "Muon", "newton_schulz"]
 
@@ -35,14 +37,22 @@ _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEFAULT_COEFFICIENTS = PRESETS["kellerjordan"].coefficients[0]  # torch.optim.Muon's default
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral_unclamped")
 
+# Backends against the reference: all compute in bf16 with fp32 accumulation and round each
+# product once; only the accumulation order differs, which flips single bf16 roundings (one ulp,
+# 2^-8 relative) that the steps carry along. Entries of a near-orthogonal [m, n] matrix have an
+# RMS of about 1/sqrt(n) (<= 0.16 for the sample and test shapes, n >= 40; a bf16 ulp there is
+# <= 2^-10) and reach ~0.5 (ulp 2^-9): NS_ATOL = 1e-2 is 5 to 10 ulps per entry, and the
+# Frobenius-relative difference must stay far below the ~1.5% that bf16 itself costs against a
+# float64 iteration.
+NS_ATOL = 1e-2
+NS_REL = 5e-3
+
 
 # ---------------------------------------------------------------------------------------------
 # newton_schulz
 # ---------------------------------------------------------------------------------------------
 
-def _check_ns(G, steps=5, coefficients=None, eps=1e-7, norm_scale=1.0):
-    if not isinstance(G, torch.Tensor):
-        raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
+def _check_ns(G, steps, coefficients, eps, norm_scale):
     if G.is_complex():
         raise ValueError(f"G must be real: Newton-Schulz here is for real weight matrices, got {G.dtype}")
     if G.dtype not in _FLOAT_DTYPES:
@@ -50,18 +60,14 @@ def _check_ns(G, steps=5, coefficients=None, eps=1e-7, norm_scale=1.0):
     if G.dim() < 2:
         raise ValueError(f"G must be a matrix or a batch of matrices [..., rows, cols], got shape {tuple(G.shape)}")
     ns_schedule(coefficients, steps)
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0 (it floors the norm so a zero G stays finite), got {eps!r}")
-    if not norm_scale > 0:
-        raise ValueError(f"norm_scale must be > 0, got {norm_scale!r}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be finite and > 0 (it floors the norm so a zero G stays finite), got {eps!r}")
+    if norm_scale is not None and not (math.isfinite(norm_scale) and norm_scale > 0):
+        raise ValueError(f"norm_scale must be None or finite and > 0, got {norm_scale!r}")
 
 
-def _ns_fake(G, steps=5, coefficients=None, eps=1e-7, norm_scale=1.0):
+def _alloc_ns(G, steps, coefficients, eps, norm_scale):
     return torch.empty(G.shape, dtype=G.dtype, device=G.device)
-
-
-def _ns_torch(G, steps=5, coefficients=None, eps=1e-7, norm_scale=1.0):
-    return newton_schulz_ref(G, steps, coefficients, eps, norm_scale)
 
 
 class _NSKernels(NamedTuple):
@@ -72,9 +78,11 @@ class _NSKernels(NamedTuple):
     update: Callable  # (Bm, x, out, a): out = a x + Bm x
 
 
-def _ns_loop(G, steps, coefficients, eps, norm_scale, kernels: _NSKernels) -> torch.Tensor:
-    """The reference's iteration (batched form) over preallocated, ping-ponged buffers."""
-    triples, _ = ns_schedule(coefficients, steps)
+def _ns_loop(out, G, steps, coefficients, eps, norm_scale, kernels: _NSKernels) -> torch.Tensor:
+    """The reference's iteration (batched form) over preallocated, ping-ponged buffers, into
+    ``out`` (``_alloc_ns``'s)."""
+    triples, schedule_scale = ns_schedule(coefficients, steps)
+    norm_scale = schedule_scale if norm_scale is None else norm_scale
     rows, cols = G.shape[-2:]
     transposed = rows > cols
     m, n = (cols, rows) if transposed else (rows, cols)
@@ -86,7 +94,6 @@ def _ns_loop(G, steps, coefficients, eps, norm_scale, kernels: _NSKernels) -> to
     x_next = torch.empty_like(x)
     a_mat = torch.empty((nb, m, m), dtype=torch.bfloat16, device=G.device)
     b_mat = torch.empty_like(a_mat)
-    out = torch.empty(G.shape, dtype=G.dtype, device=G.device)
     out3 = out.view(nb, rows, cols)
     out_view = out3.mT if transposed else out3
     for step, (a, b, c) in enumerate(triples):
@@ -119,48 +126,119 @@ _CUBLAS_KERNELS = _NSKernels(
 )
 
 
-def _ns_triton(G, steps=5, coefficients=None, eps=1e-7, norm_scale=1.0):
-    return _ns_loop(G, steps, coefficients, eps, norm_scale, _triton_kernels())
+def _ns_triton_launch(out, G, steps, coefficients, eps, norm_scale):
+    _ns_loop(out, G, steps, coefficients, eps, norm_scale, _triton_kernels())
 
 
-def _ns_cublas(G, steps=5, coefficients=None, eps=1e-7, norm_scale=1.0):
-    return _ns_loop(G, steps, coefficients, eps, norm_scale, _CUBLAS_KERNELS)
+def _ns_cublas(G, steps, coefficients, eps, norm_scale):
+    out = _alloc_ns(G, steps, coefficients, eps, norm_scale)
+    return _ns_loop(out, G, steps, coefficients, eps, norm_scale, _CUBLAS_KERNELS)
+
+
+def _ns_compare(got, want, args) -> str | None:
+    """Backends against the reference: NaN where it has NaN, every entry within NS_ATOL and the
+    Frobenius-relative difference below NS_REL (the bounds are justified above)."""
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"{got.dtype}{list(got.shape)} vs reference {want.dtype}{list(want.shape)}"
+    g, w = got.detach().cpu().double(), want.detach().cpu().double()
+    try:
+        torch.testing.assert_close(g, w, rtol=0, atol=NS_ATOL, equal_nan=True)
+    except AssertionError as e:
+        return str(e)
+    finite = w.isfinite()
+    diff, norm = (g - w)[finite].norm().item(), w[finite].norm().item()
+    if diff > NS_REL * norm:
+        return f"Frobenius-relative difference {diff / norm if norm else float('inf'):.2e} > {NS_REL}"
+    return None
+
+
+def _ns_samples(device, gen):
+    def g(*shape, dtype=torch.float32):
+        return torch.randn(shape, generator=gen, device=gen.device).to(dtype).to(device)
+
+    pe, pe_scale = PRESETS["polar_express"].coefficients, PRESETS["polar_express"].norm_scale
+    special = g(4, 8, 40)
+    special[0] = 0.0
+    special[1, 2, 3] = float("nan")
+    special[2, 7, 0] = float("inf")
+    special[3, 0, 39] = -float("inf")
+    tall_inf = g(40, 12, dtype=torch.bfloat16)
+    tall_inf[5, 5] = float("inf")
+    return [
+        Sample((g(16, 48),)),
+        Sample((g(48, 16, dtype=torch.bfloat16),), note="tall: iterated transposed"),
+        Sample((g(2, 12, 40, dtype=torch.float16), 3, [3.0, -3.2, 1.2])),
+        Sample((g(1, 2, 48, 12).transpose(-1, -2), 5, [v for t in pe for v in t], 1e-7, pe_scale),
+               note="4-D tall view of wide data, Polar Express"),
+        Sample((g(3, 16, 40, dtype=torch.bfloat16), 2, [3.4445, -4.7750, 2.0315, 3.0, -3.2, 1.2], 1e-3)),
+        Sample((g(0, 8, 12),), tag="empty"),
+        Sample((g(0, 5, dtype=torch.bfloat16),), tag="empty"),
+        Sample((g(4, 0),), tag="empty"),
+        Sample((special, 2), tag="nonfinite", note="a zero, a NaN, a +inf and a -inf matrix"),
+        Sample((tall_inf,), tag="nonfinite"),
+    ]
+
+
+def _ns_errors(device):
+    G = torch.randn(4, 6, device=device)
+    return [
+        ErrorInput((torch.randn(5, device=device),), match="G must be a matrix or a batch of matrices"),
+        ErrorInput((G.to(torch.complex64),), match="G must be real"),
+        ErrorInput((G.to(torch.int32),), match="G must be bfloat16, float16 or float32"),
+        ErrorInput((G.double(),), match="G must be bfloat16, float16 or float32"),
+        ErrorInput((G, 0), match="steps must be a positive int"),
+        ErrorInput((G, 5, [1.0, 2.0]), match="coefficients must be None, a preset name"),
+        ErrorInput((G, 5, []), match="coefficients must be None, a preset name"),
+        ErrorInput((G, 5, [3.0, float("nan"), 1.0]), match="coefficients must be finite"),
+        ErrorInput((G, 5, None, 0.0), match="eps must be finite and > 0"),
+        ErrorInput((G, 5, None, float("nan")), match="eps must be finite and > 0"),
+        ErrorInput((G, 5, None, float("inf")), match="eps must be finite and > 0"),
+        ErrorInput((G, 5, None, 1e-7, -1.0), match="norm_scale must be None or finite and > 0"),
+        ErrorInput((G, 5, None, 1e-7, float("inf")), match="norm_scale must be None or finite and > 0"),
+        ErrorInput((G, 5, "polar_express"), exc=TypeError, match="coefficients must be a list of float or None",
+                   raw=False),
+        ErrorInput((G, 2.0), exc=TypeError, match="steps must be int", raw=False),
+        ErrorInput((G.tolist(),), exc=TypeError, match="G must be torch.Tensor", raw=False),
+    ]
 
 
 _ns_op = Op(
     "newton_schulz",
-    "(Tensor G, int steps=5, float[]? coefficients=None, float eps=1e-7, float norm_scale=1.0) -> Tensor",
-    torch_impl=_ns_torch,
-    triton_impl=_ns_triton,
-    cuda_impl=_ns_cublas,
-    fake=_ns_fake,
+    "(Tensor G, int steps=5, float[]? coefficients=None, float eps=1e-7, float? norm_scale=None) -> Tensor",
     check=_check_ns,
+    alloc=_alloc_ns,
+    torch_impl=newton_schulz_ref,
+    triton_launch=_ns_triton_launch,
+    cuda_impl=_ns_cublas,
+    compare=_ns_compare,
+    samples=_ns_samples,
+    errors=_ns_errors,
 )
+_NS_DEFAULTS = {a.name: a.default for a in _ns_op.args}  # the schema's, for the wrapper's signature
 
 
 def newton_schulz(
     G: torch.Tensor,
-    steps: int = 5,
-    coefficients: Coefficients = None,
-    eps: float = 1e-7,
+    steps: int = _NS_DEFAULTS["steps"],
+    coefficients: Coefficients = _NS_DEFAULTS["coefficients"],
+    eps: float = _NS_DEFAULTS["eps"],
     *,
-    norm_scale: float | None = None,
+    norm_scale: float | None = _NS_DEFAULTS["norm_scale"],
     backend: str | None = None,
 ) -> torch.Tensor:
     """Orthogonalise ``G`` ``[..., rows, cols]`` (bf16/fp16/fp32) by ``steps`` Newton-Schulz steps.
 
     ``X = bf16(G)`` (transposed when rows > cols), ``X /= max(norm_scale * ||X||_F, eps)``, then
     ``A = X X^T; B = b A + c A A; X = a X + B X`` per step, each matrix of the batch on its own
-    (formula and sources: :mod:`glm45_ops.reference.muon`). ``coefficients``: None
-    (KellerJordan's ``(3.4445, -4.7750, 2.0315)`` every step), a preset name
-    (``"kellerjordan"``, ``"polar_express"``), one triple, or per-step triples (the last repeats).
-    ``norm_scale`` None takes the preset's (1.02 for Polar Express), else 1. Returns G's shape
-    and dtype, contiguous; the values are bf16's.
+    (formula, NaN/inf/zero rules and sources: :mod:`glm45_ops.reference.muon`). ``coefficients``:
+    None (KellerJordan's ``(3.4445, -4.7750, 2.0315)`` every step), a preset name
+    (``"kellerjordan"``, ``"polar_express"``), one triple, or per-step triples (the last
+    repeats). ``norm_scale`` None takes the preset's (1.02 for Polar Express), else 1. Returns
+    G's shape and dtype, contiguous; the values are bf16's.
     """
-    triples, preset_scale = ns_schedule(coefficients, steps)
+    triples, preset_scale = resolve_coefficients(coefficients)
     flat = [v for t in triples for v in t]
-    scale = preset_scale if norm_scale is None else norm_scale
-    return _ns_op(G, steps, flat, eps, scale, backend=backend)
+    return _ns_op(G, steps, flat, eps, preset_scale if norm_scale is None else norm_scale, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +292,26 @@ def _unit_view(t: torch.Tensor, unit: Unit) -> torch.Tensor:
     return t if t.dim() == 2 else t[unit[1]:unit[2]]
 
 
+def _wide(u: torch.Tensor) -> torch.Tensor:
+    """The orientation NS iterates in: a tall ``[..., rows, cols]`` update as its transposed view."""
+    return u.mT if u.shape[-2] > u.shape[-1] else u
+
+
+def _as_update(o: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """NS of ``_wide(like)`` back in ``like``'s shape: a tall matrix's result is a transposed view.
+
+    That is the layout ``torch.optim.Muon``'s update has (its NS returns ``X.T``), and it matters
+    for bit-identity: CPU ``bf16.add_(other, alpha)`` rounds ``alpha`` to bf16 on both paths but
+    then computes ``p + alpha * other`` in fp32 with one rounding when ``other`` is contiguous,
+    and rounds ``alpha * other`` to bf16 before the add when it is strided (1 ulp apart on a few
+    % of the elements, each step). A contiguous result here made bf16 parameters with rows > cols
+    drift from torch's by 1 ulp. On the GPU a transposed operand costs the elementwise update some
+    coalescing, which is small next to NS; the last NS product, in exchange, is stored
+    contiguously.
+    """
+    return o if o.shape == like.shape else o.mT
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     if not dist.is_available():  # torch builds without torch.distributed have no DTensor either
         return False
@@ -234,6 +332,21 @@ def _sharded_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return replicated.redistribute(mesh, like.placements)
 
 
+def _check_options(group: dict) -> None:
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("lr: a Tensor lr must have 1 element")
+    for name in ("lr", "momentum", "weight_decay"):
+        if not 0.0 <= group[name]:
+            raise ValueError(f"{name} must be >= 0, got {group[name]}")
+    if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
+        raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}")
+    ns_schedule(group["ns_coefficients"], group["ns_steps"])
+    eps = group["eps"]
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be finite and > 0 (it floors the norm so a zero update stays finite), got {eps!r}")
+
+
 class Muon(torch.optim.Optimizer):
     r"""Muon (momentum orthogonalised by Newton-Schulz), a drop-in for ``torch.optim.Muon``.
 
@@ -251,6 +364,9 @@ class Muon(torch.optim.Optimizer):
     ``torch.optim.Muon``'s on the ``torch`` backend, with one exception: with bf16 parameters and
     ``nesterov=False``, torch (2.13/2.14) normalises the momentum buffer in place (its NS divides
     ``buf.bfloat16()``, which is ``buf`` itself); here the buffer is left as the formula says.
+    Bit-identity includes the update's memory layout: a matrix with rows > cols is orthogonalised
+    as its transpose and added as a transposed view, as torch does (CPU bf16 ``add_`` rounds
+    differently for strided operands; see ``_as_update``).
 
     Beyond ``torch.optim.Muon``:
 
@@ -295,33 +411,34 @@ class Muon(torch.optim.Optimizer):
         process_group: "dist.ProcessGroup | None" = None,
         backend: str | None = None,
     ) -> None:
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("lr: a Tensor lr must have 1 element")
-        if not 0.0 <= lr:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not 0.0 <= momentum:
-            raise ValueError(f"momentum must be >= 0, got {momentum}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if adjust_lr_fn not in ADJUST_LR_FNS:
-            raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}")
-        ns_schedule(ns_coefficients, ns_steps)
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults)  # every group, the first ones too, goes through add_param_group
         self.process_group = process_group
         self.backend = backend
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.ndim not in (2, 3):
-                    raise ValueError(
-                        f"Muon optimizes matrices [out, in] and expert stacks [E, out, in]; got a parameter of "
-                        f"shape {tuple(p.shape)}: give it to AdamW (see the Muon docstring)"
-                    )
-                if p.is_complex():
-                    raise ValueError(f"Muon does not support complex parameters, got {p.dtype}")
+
+    def add_param_group(self, param_group: dict) -> None:
+        """``torch.optim.Optimizer.add_param_group``, refusing (``ValueError``) what ``step()``
+        could not do: parameters that are not real matrices or expert stacks, and bad options
+        (the group's own or the defaults it inherits). The group is checked before it is added,
+        so nothing changes when it is refused."""
+        params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # sets: the base class refuses them
+            param_group["params"] = params = list(params)
+        for p in [params] if isinstance(params, torch.Tensor) else params:
+            if not isinstance(p, torch.Tensor):
+                continue  # the base class refuses it by name
+            if p.ndim not in (2, 3):
+                raise ValueError(
+                    f"Muon optimizes matrices [out, in] and expert stacks [E, out, in]; got a parameter of "
+                    f"shape {tuple(p.shape)}: give it to AdamW (see the Muon docstring)"
+                )
+            if p.is_complex():
+                raise ValueError(f"Muon does not support complex parameters, got {p.dtype}")
+        _check_options({**self.defaults, **param_group})
+        super().add_param_group(param_group)
 
     def _world(self) -> tuple["dist.ProcessGroup | None", int]:
         pg = self.process_group
@@ -330,8 +447,9 @@ class Muon(torch.optim.Optimizer):
         return pg, dist.get_world_size(pg)
 
     def _ns(self, x: torch.Tensor, group: dict) -> torch.Tensor:
-        """bf16 in, bf16 out: the values NS(x) has in x's dtype (NS starts by rounding to bf16 and
-        its result is bf16's), at half the memory and traffic."""
+        """bf16 out: the values NS(x) has in x's dtype (NS starts by rounding to bf16 and its
+        result is bf16's), at half the memory and traffic. ``x.to`` keeps a transposed view's
+        layout, which torch.optim.Muon's routine also iterates on (``grad.bfloat16().T``)."""
         return newton_schulz(
             x.to(torch.bfloat16), group["ns_steps"], group["ns_coefficients"], group["eps"], backend=self.backend
         )
@@ -393,10 +511,12 @@ class Muon(torch.optim.Optimizer):
                 for p in params:
                     u = self._momentum_update(p, group)
                     full = u.full_tensor() if _is_dtensor(u) else u
-                    self._apply(p, _sharded_like(self._ns(full, group), u), group)
+                    o = _as_update(self._ns(_wide(full), group), full)
+                    self._apply(p, _sharded_like(o, u), group)
             elif params:
                 updates = [self._momentum_update(p, group) for p in params]
                 full = [u.full_tensor() if _is_dtensor(u) else u for u in updates]
-                for p, o, u in zip(params, self._distributed_ns(full, group, pg, world), updates):
-                    self._apply(p, _sharded_like(o, u), group)
+                outs = self._distributed_ns([_wide(f) for f in full], group, pg, world)
+                for p, o, f, u in zip(params, outs, full, updates):
+                    self._apply(p, _sharded_like(_as_update(o, f), u), group)
         return loss

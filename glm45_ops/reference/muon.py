@@ -18,6 +18,11 @@ step for step, batched: for a 2-D ``G`` and one triple repeated, the result is b
 Its normalisation clamps the norm at ``eps`` (KellerJordan's original adds ``eps``; in bf16 the two
 differ only for norms below ~1e-5).
 
+Edge cases, which every backend follows: a zero matrix gives zeros (its norm is floored at
+``eps``, so ``0 / eps = 0``); a matrix holding a NaN or an infinity (in ``bf16(G)``) gives NaN
+everywhere (its norm is NaN or inf, so some entry becomes NaN, and the first ``A A`` spreads it
+to every entry); each matrix of a batch is on its own; empty inputs give empty outputs.
+
 Coefficient schedules live here, in one place (:data:`PRESETS`): KellerJordan's single triple
 used for every step, and Polar Express (Amsel et al., arXiv 2505.16932), five per-step triples with
 the norm scaled by 1.02 so rounding cannot push a singular value past the polynomials' safe range.
@@ -25,6 +30,7 @@ the norm scaled by 1.02 so rounding cannot push a singular value past the polyno
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -57,29 +63,32 @@ PRESETS: dict[str, NSPreset] = {"kellerjordan": KELLER_JORDAN, "polar_express": 
 Coefficients = Union[None, str, Sequence[float], Sequence[Sequence[float]]]
 
 
-def ns_schedule(coefficients: Coefficients, steps: int) -> tuple[list[Triple], float]:
-    """``(per-step triples, norm_scale)`` for ``steps`` steps.
+def resolve_coefficients(coefficients: Coefficients) -> tuple[list[Triple], float]:
+    """``(triples, norm_scale)`` of a ``coefficients`` argument, before any step count applies.
 
     ``coefficients``: None (KellerJordan), a preset name from :data:`PRESETS`, one triple
-    ``(a, b, c)``, a list of triples, or the same flattened (``3 * k`` floats, the op schema's
-    form). A list longer than ``steps`` is cut; a shorter one repeats its last triple (Polar
-    Express's convention). Only presets carry a norm scale other than 1.
+    ``(a, b, c)``, a list of triples, or the same flattened (``3 * k`` finite floats, the op
+    schema's form). Only presets carry a norm scale other than 1.
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
     if coefficients is None:
         coefficients = "kellerjordan"
     if isinstance(coefficients, str):
         if coefficients not in PRESETS:
             raise ValueError(f"coefficients: unknown preset {coefficients!r}; presets are {sorted(PRESETS)}")
         preset = PRESETS[coefficients]
-        triples, norm_scale = list(preset.coefficients), preset.norm_scale
-    else:
-        flat = _flatten(coefficients)
-        triples = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
-        norm_scale = 1.0
-    triples = triples[:steps] + [triples[-1]] * (steps - len(triples))
-    return triples, norm_scale
+        return list(preset.coefficients), preset.norm_scale
+    flat = _flatten(coefficients)
+    return [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)], 1.0
+
+
+def ns_schedule(coefficients: Coefficients, steps: int) -> tuple[list[Triple], float]:
+    """``(per-step triples, norm_scale)`` for ``steps`` steps (``coefficients`` as in
+    :func:`resolve_coefficients`). A list longer than ``steps`` is cut; a shorter one repeats its
+    last triple (Polar Express's convention)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    triples, norm_scale = resolve_coefficients(coefficients)
+    return triples[:steps] + [triples[-1]] * (steps - len(triples)), norm_scale
 
 
 def _flatten(coefficients) -> list[float]:
@@ -93,23 +102,26 @@ def _flatten(coefficients) -> list[float]:
             f"coefficients must be None, a preset name, a triple (a, b, c), a list of triples or 3*k floats, "
             f"got {coefficients!r}"
         )
+    if not all(math.isfinite(v) for v in items):
+        raise ValueError(f"coefficients must be finite, got {coefficients!r}")
     return [float(v) for v in items]
 
 
 def newton_schulz_ref(
     G: torch.Tensor,
-    steps: int = 5,
-    coefficients: Coefficients = None,
-    eps: float = 1e-7,
-    norm_scale: float | None = None,
+    steps: int,
+    coefficients: Coefficients,
+    eps: float,
+    norm_scale: float | None,
     *,
     compute_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """The plain NS loop (formula in the module docstring) on ``G`` ``[..., rows, cols]``.
 
-    ``norm_scale`` None takes the schedule's (1.02 for Polar Express, else 1). Returns a
-    contiguous tensor of G's shape and dtype. ``compute_dtype=torch.float64`` runs the same
-    iteration in (near) exact arithmetic: the yardstick for the bf16 kernels' error.
+    ``coefficients`` as in :func:`resolve_coefficients`; ``norm_scale`` None takes the
+    schedule's (1.02 for Polar Express, else 1). Returns a contiguous tensor of G's shape and
+    dtype. ``compute_dtype=torch.float64`` runs the same iteration in (near) exact arithmetic:
+    the yardstick for the bf16 kernels' error.
     """
     triples, preset_scale = ns_schedule(coefficients, steps)
     norm_scale = preset_scale if norm_scale is None else norm_scale

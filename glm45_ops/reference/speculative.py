@@ -51,6 +51,8 @@ never returns a zero-probability id; the clamp to ``V - 1`` only names the resul
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FIXED_POINT_BITS = 40  # probabilities become int64 multiples of 2**-40 for the exact CDF
@@ -154,13 +156,28 @@ def probs_from_logits_ref(
     """``logits`` float ``[..., V]`` -> fp32 probabilities ``[..., V]`` (tempered, top-k, top-p).
 
     ``temperature`` (float), ``top_k`` (int), ``top_p`` (float): numbers or tensors broadcastable
-    to ``logits.shape[:-1]``::
+    to ``logits.shape[:-1]``; ``t`` is ``temperature`` in fp32 (a value that rounds to 0 there is 0)::
 
-        p = softmax(logits / t)                   (fp32; t <= 0: one-hot at the argmax, ties -> lowest id)
+        x = fp32(logits),  m = max(x)             (per row; NaN if the row holds a NaN)
+        p = softmax((x - m) / t)                  (t > 0)
+          = one-hot at the argmax                 (t <= 0; ties -> lowest id, NaN the largest value)
         top-k: keep the k most probable ids (stable order: ties -> lowest id); k <= 0 or k >= V keeps all
         top-p: on the top-k-renormalised p, keep an id when the mass strictly before it in that order
                is < top_p (so the most probable id always stays); top_p >= 1 keeps all
         result = p * keep / sum(p * keep)
+
+    ``softmax((x - m) / t)`` is ``softmax(x / t)`` in exact arithmetic, but stays finite for any
+    positive ``t``: ``x - m <= 0``, so a tiny ``t`` (1e-45, a subnormal) sends every id below
+    the maximum to ``exp(-inf) = 0`` and the maximum to ``exp(0) = 1``, where ``x / t`` would
+    overflow to ``inf - inf = NaN``. As ``t -> 0+`` this is the exact limit: the mass is shared
+    equally by the ids tied at the maximum (``t <= 0`` gives all of it to the lowest of them).
+    At ``t = 1`` it is ``torch.softmax(x)`` bit for bit (which subtracts the same maximum).
+
+    Non-finite values: a NaN ``t`` or ``top_p`` gives its row NaN probabilities (the public
+    wrapper refuses NaN numbers; a tensor entry is not checked, which would cost a host sync).
+    At ``t > 0`` a NaN or ``+inf`` logit, or a row of only ``-inf``, makes the row NaN (``m`` is
+    NaN, or ``x - m`` is ``inf - inf``), and other ``-inf`` logits get 0 (at finite ``t``; at
+    ``t = +inf`` they are ``-inf / inf = NaN``, and a row of finite logits is uniform).
 
     The order top-k then top-p is SGLang's and vLLM's. No host sync and no data-dependent shapes;
     the sort is skipped when top_k and top_p are numbers that disable both filters.
@@ -172,14 +189,18 @@ def probs_from_logits_ref(
         return a.to(device=x.device, dtype=dtype).expand(x.shape[:-1])[..., None] if isinstance(a, torch.Tensor) else a
 
     t = per_row(temperature, torch.float32)
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor(t, dtype=torch.float32).item()  # a CPU scalar op: rounds as a tensor would
     rank = torch.arange(v, device=x.device)
+    shifted = x - x.amax(dim=-1, keepdim=True)
     if isinstance(t, torch.Tensor):
-        probs = torch.softmax(x / torch.where(t > 0, t, 1.0), dim=-1)
-        probs = torch.where(t > 0, probs, (rank == _row_argmax(x)[..., None]).float())
-    elif t > 0:
-        probs = torch.softmax(x / t, dim=-1)
-    else:
+        greedy = t <= 0  # False for NaN: a NaN temperature reaches the softmax and gives NaN
+        probs = torch.softmax(shifted / torch.where(greedy, 1.0, t), dim=-1)
+        probs = torch.where(greedy, (rank == _row_argmax(x)[..., None]).float(), probs)
+    elif t <= 0:
         probs = (rank == _row_argmax(x)[..., None]).float()
+    else:
+        probs = torch.softmax(shifted / t, dim=-1)
     if not isinstance(top_k, torch.Tensor) and not isinstance(top_p, torch.Tensor) and top_k <= 0 and top_p >= 1:
         return probs
 
@@ -193,4 +214,8 @@ def probs_from_logits_ref(
     keep = keep_k & ((before < pp) | (pp >= 1) | (rank == 0))
     mask = torch.zeros_like(keep).scatter(-1, order, keep)
     out = probs * mask
+    if isinstance(pp, torch.Tensor):
+        out = torch.where(pp.isnan(), float("nan"), out)
+    elif math.isnan(pp):
+        out = torch.full_like(out, float("nan"))
     return out / out.sum(dim=-1, keepdim=True)

@@ -1,6 +1,9 @@
 """MTP speculative verification: greedy and sampling ops on every backend exactly equal to the
 reference; the reference checked against naive per-row oracles; the sampler's output distribution
-and acceptance rates checked statistically; opcheck, torch.compile, CUDA graphs and bad input."""
+and acceptance rates checked statistically; probs_from_logits' definition (tiny and NaN
+parameters); CUDA graphs. opcheck, torch.compile, the bad-input tables, empty and non-finite
+samples are the generic contract tests (tests/test_contract.py, tables in
+glm45_ops/speculative.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 from conftest import cpu_backends, device_backends
 from glm45_ops import speculative as spec
 from glm45_ops.reference import speculative as ref
+from glm45_ops.testing import outputs_differ, poisoned_outputs
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BACKENDS = device_backends()
@@ -19,13 +23,9 @@ GPU_BACKENDS = [p for p in BACKENDS if p[0] == "cuda" and p[1] != "torch"]
 
 
 def assert_same(got, want, what: str = "") -> None:
-    """Exact equality of (out_ids, num_accepted), with the first differing request on failure."""
-    for name, g, w in zip(("out_ids", "num_accepted"), got, want):
-        g, w = g.cpu(), w.cpu()
-        assert g.dtype == torch.int32 and g.shape == w.shape, f"{what} {name}: {g.dtype} {tuple(g.shape)}"
-        if not torch.equal(g, w):
-            bad = (g != w).reshape(g.shape[0], -1).any(-1).nonzero()[0, 0].item()
-            pytest.fail(f"{what} {name} differs at request {bad}: got {g[bad].tolist()}, want {w[bad].tolist()}")
+    """Bit equality of (out_ids, num_accepted)."""
+    why = outputs_differ(got, want)
+    assert why is None, f"{what}: {why}"
 
 
 def random_probs(shape, gen, scale: float = 3.0, zero_frac: float = 0.0) -> torch.Tensor:
@@ -43,11 +43,11 @@ def sample(probs: torch.Tensor, gen) -> torch.Tensor:
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
+def poisoned():
     """Outputs allocated for the kernels start as garbage (12345), so a kernel that skips the -1
     padding or a request cannot pass by luck of the allocator."""
-    orig = spec._alloc_out
-    monkeypatch.setattr(spec, "_alloc_out", lambda ids: tuple(t.fill_(12345) for t in orig(ids)))
+    with poisoned_outputs():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,10 +207,15 @@ def test_inverse_cdf_draw_ends():
     assert ref.to_fixed_point(d).tolist() == [2**40, 2**39, 0, 2**40, 0, 0]
 
 
+def unchecked(op, backend: str):
+    """``op``'s implementation on ``backend`` without its check (which refuses out-of-vocabulary
+    ids on CPU tensors): the registry's launcher for Python backends, the C++ kernel for cuda."""
+    return op.overload if backend == "cuda" else op.impls[backend]
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
-def test_out_of_range_ids_are_rejected(gen, device, backend):
-    """The kernels define an id outside [0, V) as a token of probability 0: rejected, never read.
-    (The op's check raises for CPU tensors, so the launchers are called directly here.)"""
+def test_out_of_range_ids_are_rejected(gen, poisoned, device, backend):
+    """The kernels define an id outside [0, V) as a token of probability 0: rejected, never read."""
     b, s, v = 4, 3, 300
     for with_draft in (True, False):
         p, draft, q, u = sampling_inputs(b, s, v, gen, with_draft)
@@ -219,28 +224,30 @@ def test_out_of_range_ids_are_rejected(gen, device, backend):
         want = ref.verify_sampling_ref(p, draft, q, u)
         assert want[1].tolist() == [0, 1, 2, 0]
         args = [None if t is None else t.to(device) for t in (p, draft, q, u)]
-        if backend == "torch":
-            got = ref.verify_sampling_ref(*args)
-        elif backend == "triton":
-            from triton_ops import speculative as ts
-
-            got = spec._alloc_out(args[1])
-            ts.verify_sampling(*args, *got)
-        else:
-            got = torch.ops.glm45.verify_sampling(*args)
-        assert_same(got, want, f"{backend} draft={with_draft}")
+        assert_same(unchecked(spec._sampling_op, backend)(*args), want, f"{backend} draft={with_draft}")
     draft, logits = greedy_inputs(b, s, v, torch.float32, gen)
     draft[0, 0], draft[1, 1] = -5, v + 5
     want = ref.verify_greedy_ref(draft, logits)
     assert want[1][0] == 0 and want[1][1] <= 1
-    if backend == "triton":
-        from triton_ops import speculative as ts
+    assert_same(unchecked(spec._greedy_op, backend)(draft.to(device), logits.to(device)), want, f"{backend} greedy")
 
-        got = spec._alloc_out(draft.to(device))
-        ts.verify_greedy(draft.to(device), logits.to(device), *got)
-        assert_same(got, want, "triton greedy")
-    elif backend == "cuda":
-        assert_same(torch.ops.glm45.verify_greedy(draft.to(device), logits.to(device)), want, "cuda greedy")
+
+def test_out_of_range_ids_are_refused_on_cpu(gen):
+    """Where the range check costs no host sync (real CPU tensors), it raises, naming the id.
+    (Not in the op's error table: fake tensors, like CUDA ones, skip it by definition.)"""
+    p, ids, q, u = sampling_inputs(3, 2, 50, gen, True)
+    logits = torch.randn(3, 3, 50, generator=gen)
+    bad = ids.clone()
+    bad[1, 1] = 50
+    for backend in cpu_backends():
+        with pytest.raises(ValueError, match=r"draft_ids must lie in \[0, V=50\); found 50 at flat index 3"):
+            spec.verify_sampling(p, bad, q, u, backend=backend)
+        bad[1, 1] = -1
+        with pytest.raises(ValueError, match="found -1"):
+            spec.verify_greedy(bad, logits, backend=backend)
+        bad[1, 1] = 50
+    with pytest.raises(ValueError, match="found 50"):
+        torch.ops.glm45.verify_sampling.default(None, bad, q, u)
 
 
 def test_generator_draws_the_uniforms(gen):
@@ -347,98 +354,77 @@ def test_probs_from_logits_is_sync_free():
     assert out.shape == x.shape and out.dtype == torch.float32
 
 
-# ---------------------------------------------------------------------------------------------
-# Ops: opcheck, torch.compile
-# ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck(gen, backend):
-    import glm45_ops
-
-    if backend not in cpu_backends():
-        pytest.skip("triton needs TRITON_INTERPRET=1 on CPU")
-    draft, logits = greedy_inputs(3, 2, 64, torch.bfloat16, gen)
-    p, ids, q, u = sampling_inputs(3, 2, 64, gen, True)
-    with glm45_ops.use_backend(backend):
-        torch.library.opcheck(torch.ops.glm45.verify_greedy.default, (draft, logits))
-        torch.library.opcheck(torch.ops.glm45.verify_sampling.default, (p, ids, q, u))
-        torch.library.opcheck(torch.ops.glm45.verify_sampling.default, (None, ids, q, u))
-
-
-def test_torch_compile_fullgraph(gen):
-    """verify_greedy traces through its fake into one graph (no graph break), compiled == eager."""
-    torch._dynamo.reset()
-
-    def step(draft, logits):
-        out, acc = spec.verify_greedy(draft, logits)
-        return out, acc + 1
-
-    draft, logits = greedy_inputs(5, 3, 97, torch.float32, gen)
-    compiled = torch.compile(step, fullgraph=True, dynamic=False)
-    got, want = compiled(draft, logits), step(draft, logits)
-    assert_same((got[0], got[1].int()), (want[0], want[1].int()))
-
-
-# ---------------------------------------------------------------------------------------------
-# Bad input
-# ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("device,backend", BACKENDS)
-def test_bad_input(gen, device, backend):
-    b, s, v = 3, 2, 50
-    p, ids, q, u = (t.to(device) for t in sampling_inputs(b, s, v, gen, True))
-    logits = torch.randn(b, s + 1, v, device=device)
-    greedy = lambda *a: spec.verify_greedy(*a, backend=backend)  # noqa: E731
-    sampling = lambda *a: spec.verify_sampling(*a, backend=backend)  # noqa: E731
-
-    with pytest.raises(ValueError, match="draft_ids must be int32 or int64"):
-        greedy(ids.float(), logits)
-    with pytest.raises(ValueError, match="target_logits must be bfloat16, float16 or float32"):
-        greedy(ids, logits.double())
-    with pytest.raises(ValueError, match=r"draft_ids must be 2-D \[B, S\]"):
-        greedy(ids[0], logits)
-    with pytest.raises(ValueError, match="target_logits must have shape"):  # S+1 mismatch
-        greedy(ids, logits[:, :s])
-    with pytest.raises(ValueError, match="target_logits must have shape"):  # B mismatch
-        greedy(ids[:2], logits)
-    with pytest.raises(ValueError, match="contiguous in its last dim"):
-        greedy(ids, logits.transpose(0, 2).contiguous().transpose(0, 2))
-
-    with pytest.raises(ValueError, match="target_probs must have shape"):  # S+1 mismatch
-        sampling(p, ids, q[:, :s], u)
-    with pytest.raises(ValueError, match="draft_probs must have shape"):  # vocab mismatch
-        sampling(p[..., :-1], ids, q, u)
-    with pytest.raises(ValueError, match="draft_probs must have shape"):  # S mismatch
-        sampling(p[:, :1], ids, q, u)
-    with pytest.raises(ValueError, match="uniform must have shape"):
-        sampling(p, ids, q, u[:, :s])
-    with pytest.raises(ValueError, match="uniform must be float32"):
-        sampling(p, ids, q, u.double())
-    with pytest.raises(ValueError, match="must share a dtype"):
-        sampling(p.bfloat16(), ids, q, u)
-    with pytest.raises(ValueError, match="the vocabulary V=0"):
-        sampling(None, ids, q[..., :0], u)
-
-    if device == "cpu":  # ids outside the vocabulary: checked where it costs no host sync
-        bad = ids.clone()
-        bad[1, 1] = v
-        with pytest.raises(ValueError, match=r"draft_ids must lie in \[0, V=50\); found 50"):
-            sampling(p, bad, q, u)
-        bad[1, 1] = -1
-        with pytest.raises(ValueError, match="found -1"):
-            greedy(bad, logits)
-        with pytest.raises(ValueError, match="is on meta but draft_ids is on cpu"):
-            sampling(p, ids, q, u.to("meta"))
-
-
 def test_bad_probs_from_logits_params():
     x = torch.randn(2, 3, 10)
     with pytest.raises(ValueError, match=r"top_k of shape \[2\] must broadcast"):
         spec.probs_from_logits(x, 1.0, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"temperature of shape \[2, 3, 1\] must broadcast to .* \[2, 3\]"):
+        spec.probs_from_logits(x, torch.ones(2, 3, 1))  # broadcasts with [2, 3], not to it
     with pytest.raises(TypeError, match="temperature must be a number or a tensor"):
         spec.probs_from_logits(x, "hot")
     with pytest.raises(ValueError, match="logits must be bfloat16"):
         spec.probs_from_logits(x.long())
+    # top_k counts ids: a fraction has no meaning (3.7 used to be truncated to 3)
+    with pytest.raises(TypeError, match="top_k must be an int or an integer tensor, got float"):
+        spec.probs_from_logits(x, 1.0, 3.7)
+    with pytest.raises(TypeError, match="top_k must be an int or an integer tensor, got float"):
+        spec.probs_from_logits(x, 1.0, 3.0)
+    with pytest.raises(ValueError, match="top_k must be an int or an integer tensor, got a torch.float32 tensor"):
+        spec.probs_from_logits(x, 1.0, torch.full((2, 3), 3.7))
+    # a NaN number is refused at once (it used to be greedy: NaN > 0 is False)
+    with pytest.raises(ValueError, match="temperature must not be NaN"):
+        spec.probs_from_logits(x, float("nan"))
+    with pytest.raises(ValueError, match="top_p must not be NaN"):
+        spec.probs_from_logits(x, 1.0, 0, float("nan"))
+
+
+def test_probs_from_logits_tiny_temperatures(gen):
+    """Any positive temperature is a finite softmax (1e-45 and a tensor 1e-40 used to give NaN:
+    x / t overflowed to inf - inf). Tiny ones reach the t -> 0+ limit exactly: all the mass on
+    the maximum, shared equally by ids tied there; t <= 0 (or a t that is 0 in fp32) is greedy,
+    all the mass on the lowest of them."""
+    x = torch.randn(4, 3, 50, generator=gen) * 10
+    x[0, :, 7] = x[0, :, 9] = x[0].amax(-1) + 1  # a tie at the top of request 0
+    tied = torch.zeros(50)
+    tied[[7, 9]] = 0.5
+    greedy = spec.probs_from_logits(x, 0.0)
+    for t in (1e-45, 2**-149, 1e-30, torch.full((4, 1), 1e-40), torch.tensor([[1e-45], [1e-40], [1e-38], [2**-149]])):
+        got = spec.probs_from_logits(x, t)
+        assert torch.isfinite(got).all(), t
+        assert torch.equal(got[1:], greedy[1:]), t
+        assert torch.equal(got[0], tied.expand(3, 50)), t
+        assert torch.equal(spec.probs_from_logits(x, t, top_k=1), greedy), t  # top-k's tie rule: lowest id
+    # the temperature is taken in fp32: 1e-46 is 0 there (greedy), 1e-45 is its smallest subnormal
+    assert torch.equal(spec.probs_from_logits(x, 1e-46), greedy)
+    assert torch.equal(spec.probs_from_logits(x, torch.full((4, 1), 1e-50, dtype=torch.float64)), greedy)
+    # the shifted form is torch.softmax itself at t = 1, and the scalar and tensor paths agree
+    assert torch.equal(spec.probs_from_logits(x, 1.0), torch.softmax(x, -1))
+    for t in (0.3, 1e-3, 7.0):
+        assert torch.equal(spec.probs_from_logits(x, torch.full((4, 1), t)), spec.probs_from_logits(x, t))
+
+
+def test_probs_from_logits_nonfinite(gen):
+    """NaN entries of tensor parameters give their row NaN probabilities (checking them would be
+    a host sync), the other rows are untouched; NaN/inf logits follow the reference docstring."""
+    x = torch.randn(3, 20, generator=gen)
+    t = torch.tensor([0.7, float("nan"), 0.0])
+    got = spec.probs_from_logits(x, t)
+    assert got[1].isnan().all()
+    assert torch.equal(got[0], spec.probs_from_logits(x[0], 0.7)) and torch.equal(got[2], spec.probs_from_logits(x[2], 0.0))
+    got = spec.probs_from_logits(x, 1.0, 5, torch.tensor([0.5, float("nan"), 1.0]))
+    assert got[1].isnan().all() and not got[[0, 2]].isnan().any()
+    assert torch.equal(got[0], spec.probs_from_logits(x[0], 1.0, 5, 0.5))
+
+    y = torch.randn(4, 6, generator=gen)
+    y[0, 2] = float("nan")
+    y[1, 3] = float("inf")
+    y[2] = -float("inf")
+    y[3, [0, 4]] = -float("inf")
+    p = spec.probs_from_logits(y, 0.5)
+    assert p[:3].isnan().all()  # a NaN or +inf logit, or only -inf: NaN
+    assert torch.equal(p[3, [0, 4]], torch.zeros(2)) and torch.isclose(p[3].sum(), torch.tensor(1.0))
+    g = spec.probs_from_logits(y, 0.0)  # greedy: NaN is the largest value, then +inf; all -inf: id 0
+    assert g.argmax(-1).tolist()[:3] == [2, 3, 0] and torch.equal(g.sum(-1), torch.ones(4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,14 +473,14 @@ def test_gpu_cuda_graph(device, backend):
 
 def test_bench_cases_refcheck():
     """The benchmark cases build on the CPU ('small' preset) and every CPU backend matches the
-    torch reference on them, as ``glm45-bench speculative --refcheck`` checks."""
-    from glm45_ops.bench.case import BenchContext, bit_exact
-    from glm45_ops.bench.cases import speculative as cases_mod
+    torch reference on them, as ``glm45-bench speculative --refcheck`` checks (one run each)."""
+    from glm45_ops.bench import cases as cases_mod
+    from glm45_ops.bench.case import BenchContext
     from glm45_ops.config import preset
 
     cpu = torch.device("cpu")
-    for case in cases_mod.cases(BenchContext(preset("small"), cpu, (1,))):
-        want = case.make("torch", cpu, torch.Generator().manual_seed(0))()
+    for case in cases_mod.load("speculative").cases(BenchContext(preset("small"), cpu, (1,))):
+        inputs = case.inputs(cpu, torch.Generator().manual_seed(0))
+        want = case.run("torch", cpu, *inputs)()
         for backend in cpu_backends()[1:]:
-            got = case.make(backend, cpu, torch.Generator().manual_seed(0))()
-            assert bit_exact(got, want) is None, f"{case.name} {backend}: {bit_exact(got, want)}"
+            assert_same(case.run(backend, cpu, *inputs)(), want, f"{case.name} {backend}")

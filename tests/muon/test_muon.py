@@ -27,8 +27,9 @@ BACKENDS = device_backends()
 SHAPES = [(64, 64), (40, 96), (96, 40), (100, 300), (3, 40, 56)]
 
 # Backends vs the reference: the op's own rule (muon.NS_ATOL per entry, muon.NS_REL in
-# Frobenius norm; justified where they are defined). "At least as accurate as torch's routine": the same arithmetic up to rounding noise, which
-# moves the Frobenius-relative error against float64 (~1.5%) by well under 1% of itself.
+# Frobenius norm; justified where they are defined). "At least as accurate as torch's routine":
+# the same arithmetic up to rounding noise, which moves the Frobenius-relative error against
+# float64 (~1.5%) by well under 1% of itself.
 ACCURACY_SLACK = 1.01
 
 

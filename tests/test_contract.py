@@ -116,27 +116,12 @@ def test_every_family_module_is_imported_by_the_package():
 # Backend agreement, empty and non-finite inputs
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("tag", ["", "empty", "nonfinite"], ids=["samples", "empty", "nonfinite"])
 @pytest.mark.parametrize("device,backend", PAIRS)
 @pytest.mark.parametrize("name", NAMES)
-def test_backends_agree_with_the_reference(name, device, backend):
+def test_backends_agree_with_the_reference(name, device, backend, tag):
     _skip_unavailable(name, device, backend)
-    for sample in _samples(name, device, ""):
-        _agree(name, device, backend, sample)
-
-
-@pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("name", NAMES)
-def test_empty_inputs(name, device, backend):
-    _skip_unavailable(name, device, backend)
-    for sample in _samples(name, device, "empty"):
-        _agree(name, device, backend, sample)
-
-
-@pytest.mark.parametrize("device,backend", PAIRS)
-@pytest.mark.parametrize("name", NAMES)
-def test_nonfinite_inputs(name, device, backend):
-    _skip_unavailable(name, device, backend)
-    for sample in _samples(name, device, "nonfinite"):
+    for sample in _samples(name, device, tag):
         _agree(name, device, backend, sample)
 
 

@@ -1,16 +1,14 @@
 // Small device helpers shared by the CUDA families: vectorised loads/stores, float conversions,
-// e4m3 packing, warp reductions, and a dtype dispatch onto CUDA's own float types.
+// e4m3 packing, warp reductions. (Host-side checks and the dtype dispatch: common/checks.h.)
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
-
-#include <c10/core/ScalarType.h>
-#include <c10/util/Exception.h>
 
 namespace glm45 {
 
@@ -44,27 +42,44 @@ template <int N> __device__ __forceinline__ float get(const Vec<__half, N>& v, i
   return __half2float(__ushort_as_half(static_cast<unsigned short>(v.bits16(j))));
 }
 
-// max |x_j| as fp32 bits. For non-negative floats the unsigned order of the bits is the float order
-// and NaN sorts above +inf, so an unsigned max is an exact amax that propagates NaN like
-// torch.amax; 16-bit types take it on packed pairs (one VIMNMX3.U16x2 per two words) and convert
-// only the result (exact: the conversion is monotonic).
-template <int N> __device__ __forceinline__ uint32_t amax_bits(const Vec<float, N>& v) {
+// max |x_j| over the finite x_j as fp32 bits, NaN if any x_j is NaN (the amax of
+// glm45_ops/reference/quant.py: +-inf does not enter it). For non-negative floats the unsigned
+// order of the bits is the float order and NaN sorts above everything, so an unsigned max of
+// |x|'s bits, with inf's bits replaced by 0, is exact and keeps NaN. 16-bit types take it on
+// packed pairs: one HSET2 (|x| != inf, unordered, so NaN passes) masks the infinities, one
+// VIMNMX.U16x2 per two words takes the max; only the result is converted (exact: monotonic).
+template <int N> __device__ __forceinline__ uint32_t finite_amax_bits(const Vec<float, N>& v) {
   uint32_t m = 0;
 #pragma unroll
-  for (int i = 0; i < N; ++i) m = max(m, v.w[i] & 0x7fffffffu);
+  for (int i = 0; i < N; ++i) {
+    const uint32_t a = v.w[i] & 0x7fffffffu;
+    m = max(m, a == 0x7f800000u ? 0u : a);
+  }
   return m;
 }
-template <typename T, int N> __device__ __forceinline__ uint32_t amax_bits(const Vec<T, N>& v) {
+template <typename T, int N> __device__ __forceinline__ uint32_t finite_amax_bits(const Vec<T, N>& v) {
   static_assert(sizeof(T) == 2);
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  constexpr uint32_t kInf = kBf16 ? 0x7f80u : 0x7c00u;
   uint32_t m = 0;
   if constexpr (Vec<T, N>::kPerWord == 1) {
-    m = v.w[0] & 0x7fffu;
+    const uint32_t a = v.w[0] & 0x7fffu;
+    m = a == kInf ? 0u : a;
   } else {
+    using T2 = std::conditional_t<kBf16, __nv_bfloat162, __half2>;
+    const auto pair = [](uint32_t w) {
+      T2 h;
+      memcpy(&h, &w, sizeof(h));
+      return h;
+    };
 #pragma unroll
-    for (int i = 0; i < Vec<T, N>::kWords; ++i) m = __vmaxu2(m, v.w[i] & 0x7fff7fffu);
+    for (int i = 0; i < Vec<T, N>::kWords; ++i) {
+      const uint32_t finite_or_nan = __hneu2_mask(__habs2(pair(v.w[i])), pair(kInf * 0x00010001u));
+      m = __vmaxu2(m, v.w[i] & 0x7fff7fffu & finite_or_nan);
+    }
     m = max(m & 0xffffu, m >> 16);
   }
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return m << 16;
+  if constexpr (kBf16) return m << 16;
   return __float_as_uint(__half2float(__ushort_as_half(static_cast<unsigned short>(m))));
 }
 
@@ -136,20 +151,3 @@ template <typename T>
 __host__ __device__ constexpr T cdiv(T a, T b) { return (a + b - 1) / b; }
 
 }  // namespace glm45
-
-// GLM45_DISPATCH_FLOAT(dtype, name, ...): runs the body with `scalar_t` bound to float, __half or
-// __nv_bfloat16 (CUDA's types, so device code uses the cuda_fp16/bf16 intrinsics directly).
-#define GLM45_DISPATCH_CASE_(enum_type, cuda_type, ...) \
-  case c10::ScalarType::enum_type: {                   \
-    using scalar_t = cuda_type;                        \
-    __VA_ARGS__();                                     \
-    break;                                             \
-  }
-#define GLM45_DISPATCH_FLOAT(dtype, name, ...)                                              \
-  switch (dtype) {                                                                          \
-    GLM45_DISPATCH_CASE_(Float, float, __VA_ARGS__)                                         \
-    GLM45_DISPATCH_CASE_(Half, __half, __VA_ARGS__)                                         \
-    GLM45_DISPATCH_CASE_(BFloat16, __nv_bfloat16, __VA_ARGS__)                              \
-    default:                                                                                \
-      TORCH_CHECK_VALUE(false, name, ": dtype must be bfloat16, float16 or float32, got ", dtype); \
-  }

@@ -46,13 +46,6 @@ GLM45_HD float rcp_rn(float a) {
   return 1.0f / a;
 #endif
 }
-GLM45_HD int clz32(uint32_t v) {  // v > 0
-#ifdef __CUDA_ARCH__
-  return __clz(v);
-#else
-  return __builtin_clz(v);
-#endif
-}
 GLM45_HD uint32_t bits(float f) {
   uint32_t b;
   memcpy(&b, &f, sizeof(b));
@@ -64,15 +57,16 @@ GLM45_HD float from_bits(uint32_t b) {
   return f;
 }
 
+// Every scale the quantizers make is NaN (a block holding a NaN) or a positive normal number:
+// amax is finite (inf does not enter it) and at most FLT_MAX, and check_eps keeps eps / 448 >=
+// FLT_MIN, so scale = max(amax, eps) / 448 lies in [FLT_MIN, FLT_MAX / 448 < 2^120].
+
 // Smallest power of two >= s, exactly as the reference's frexp/ldexp: keep the exponent when the
-// mantissa is zero, else bump it; a subnormal s rounds its mantissa up to a power of two; and 0,
-// inf and NaN give 1 (frexp's exponent is 0 for them).
+// mantissa is zero, else bump it (at most to 2^120); NaN stays NaN.
 GLM45_HD float ceil_pow2(float s) {
-  const uint32_t b = bits(s);
-  const uint32_t e = b & 0x7f800000u, m = b & 0x007fffffu;
-  if (e == 0x7f800000u || b == 0) return 1.0f;
-  if (e == 0) return from_bits(m == 1 ? 1u : 2u << (31 - clz32(m - 1)));
-  return from_bits(m ? e + 0x00800000u : e);
+  const uint32_t b = bits(s), e = b & 0x7f800000u;
+  if (e == 0x7f800000u) return s;
+  return from_bits(b & 0x007fffffu ? e + 0x00800000u : e);
 }
 
 // amax and eps come as fp32 bits of non-negative floats: their unsigned max is max(amax, eps) and
@@ -82,15 +76,18 @@ GLM45_HD float scale_from_amax(uint32_t amax_bits, uint32_t eps_bits, bool ue8m0
   return ue8m0 ? ceil_pow2(s) : s;
 }
 
-// x / scale, correctly rounded like the reference's IEEE division, without a division per element:
-// * kMultiply: x * (1/s), exact when s is a normal power of two (every UE8M0 scale: 1/s is exact
-//   and x * 2^-k rounds the same real as x / 2^k) and for s = 0, inf or NaN. A block holding an
-//   inf or NaN always lands here (its scale is inf, NaN, or 1 after UE8M0).
+GLM45_HD bool is_inf(float x) { return (bits(x) & 0x7fffffffu) == 0x7f800000u; }
+
+// x / scale, correctly rounded like the reference's IEEE division, without a division per element
+// (scale: NaN or positive normal, see above):
+// * kMultiply: x * (1/s), exact when s is a power of two (every UE8M0 scale: 1/s is exact and
+//   x * 2^-k rounds the same real as x / 2^k) and for s = NaN (every quotient NaN).
 // * kMarkstein: with inv = RN(1/s), q = RN(x inv) is within an ulp of x/s, e = q s - x is exact in
 //   one FMA, and RN(q - e inv) is the correctly rounded quotient (Markstein's theorem); written as
-//   fma(-e, inv, q), x = -0 keeps its sign. It needs a finite x, a normal inv (every finite scale
-//   here is <= FLT_MAX / 448 < 2^120), and e not to underflow wherever the quotient can reach
-//   e4m3's range (|x / s| >= 2^-10), which holds for s >= 2^-90.
+//   fma(-e, inv, q), x = -0 keeps its sign. It needs a normal inv (s <= 2^120) and e not to
+//   underflow wherever the quotient can reach e4m3's range (|x / s| >= 2^-10), which holds for
+//   s >= 2^-90. An infinite x (it saturates: the block's finite values set s) would make e NaN,
+//   so it is returned as is: inf / s = inf.
 // * kLifted: a smaller scale (a tiny eps) is lifted by 2^100 together with x, exactly (|x| <= 448 s
 //   cannot overflow), then kMarkstein.
 // The mode is uniform over a group or block, so branching on it never diverges.
@@ -103,10 +100,8 @@ struct ScaleDiv {
 
   GLM45_HD explicit ScaleDiv(float sc) {
     scale = sc;
-    const uint32_t b = bits(sc), exponent = b >> 23;  // sc >= 0 or NaN
-    const bool normal_pow2 = (b & 0x007fffffu) == 0 && exponent >= 1 && exponent <= 254;
-    const bool finite_positive = sc > 0.0f && exponent <= 254;
-    mode = normal_pow2 || !finite_positive ? kMultiply : sc >= 0x1p-90f ? kMarkstein : kLifted;
+    const bool pow2_or_nan = (bits(sc) & 0x007fffffu) == 0 || sc != sc;
+    mode = pow2_or_nan ? kMultiply : sc >= 0x1p-90f ? kMarkstein : kLifted;
     s = mode == kLifted ? sc * kLift : sc;
     inv = rcp_rn(s);
   }
@@ -114,10 +109,10 @@ struct ScaleDiv {
   template <Mode kMode>
   GLM45_HD float div(float x) const {
     if constexpr (kMode == kMultiply) return mul_rn(x, inv);
-    if constexpr (kMode == kLifted) x = mul_rn(x, kLift);
-    const float q = mul_rn(x, inv);
-    const float e = fma_rn(q, s, -x);
-    return fma_rn(-e, inv, q);
+    const float xs = kMode == kLifted ? mul_rn(x, kLift) : x;
+    const float q = mul_rn(xs, inv);
+    const float e = fma_rn(q, s, -xs);
+    return is_inf(x) ? x : fma_rn(-e, inv, q);
   }
 
   // x / scale in whichever mode this scale needs (host tests; kernels branch once per vector)

@@ -24,13 +24,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <climits>
 #include <cstdint>
 #include <optional>
 #include <type_traits>
+
+#include "common/checks.h"
+#include "common/cuda_utils.cuh"
 
 namespace glm45 {
 namespace {
@@ -49,21 +49,9 @@ constexpr int kMaxTiles = int(kMaxVocab / kTileElems);                        //
 // Device helpers
 // ---------------------------------------------------------------------------------------------
 
-// N elements of T moved as one 16-byte access (LDG.128) when sizeof(T) * N == 16.
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-  __device__ __forceinline__ void load(const T* p) { *this = *reinterpret_cast<const Vec*>(p); }
-};
-
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T neg_inf();
-template <> __device__ __forceinline__ float neg_inf<float>() { return -INFINITY; }
-template <> __device__ __forceinline__ __half neg_inf<__half>() { return __ushort_as_half(0xfc00); }
-template <> __device__ __forceinline__ __nv_bfloat16 neg_inf<__nv_bfloat16>() { return __ushort_as_bfloat16(0xff80); }
 
 // row[j, j+N) as fp32. kChecked: elements at or past n read as 0 (never loaded); otherwise the
 // caller guarantees j + N <= n and this is one 16-byte load (the host checks that every row is
@@ -75,7 +63,7 @@ __device__ __forceinline__ void load_floats(const T* __restrict__ row, int64_t j
     Vec<T, N> v;
     v.load(row + j);
 #pragma unroll
-    for (int e = 0; e < N; ++e) out[e] = to_float(v.v[e]);
+    for (int e = 0; e < N; ++e) out[e] = get(v, e);
   } else {
 #pragma unroll
     for (int e = 0; e < N; ++e) out[e] = j + e < n ? to_float(row[j + e]) : 0.0f;
@@ -177,15 +165,15 @@ __device__ __forceinline__ float max_nan(float a, float b) {
 template <typename T, int N>
 __device__ __forceinline__ float vec_max_nan(const Vec<T, N>& x) {
   if constexpr (N == 1) {
-    return to_float(x.v[0]);
+    return get(x, 0);
   } else if constexpr (std::is_same_v<T, float>) {
-    float m = x.v[0];
+    float m = get(x, 0);
 #pragma unroll
-    for (int e = 1; e < N; ++e) m = max_nan(m, x.v[e]);
+    for (int e = 1; e < N; ++e) m = max_nan(m, get(x, e));
     return m;
-  } else {
+  } else {  // 16-bit pairs, one per 32-bit word
     using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
-    const T2* x2 = reinterpret_cast<const T2*>(x.v);
+    const T2* x2 = reinterpret_cast<const T2*>(x.w);
     T2 m = x2[0];
 #pragma unroll
     for (int e = 1; e < N / 2; ++e) m = __hmax2_nan(m, x2[e]);
@@ -194,15 +182,14 @@ __device__ __forceinline__ float vec_max_nan(const Vec<T, N>& x) {
 }
 
 // row[j, j+N) as a vector; with kChecked, elements at or past n are -inf (never loaded, never
-// the argmax).
+// the argmax; the round trip through fp32 is exact).
 template <typename T, int N, bool kChecked>
 __device__ __forceinline__ Vec<T, N> load_or_neg_inf(const T* __restrict__ row, int64_t j, int64_t n) {
   Vec<T, N> x;
   if (!kChecked || j + N <= n) {
     x.load(row + j);
   } else {
-#pragma unroll
-    for (int e = 0; e < N; ++e) x.v[e] = j + e < n ? row[j + e] : neg_inf<T>();
+    fill(x, [&](int e) { return j + e < n ? to_float(row[j + e]) : -INFINITY; });
   }
   return x;
 }
@@ -228,7 +215,7 @@ struct ArgmaxState {
       if (!(vec_max_nan(x[u]) <= best)) {  // a larger value, or a NaN
 #pragma unroll
         for (int e = 0; e < N; ++e) {
-          const float v = to_float(x[u].v[e]);
+          const float v = get(x[u], e);
           nan |= v != v;
           if (v > best) {
             best = v;
@@ -481,57 +468,40 @@ __global__ void __launch_bounds__(kSampleThreads, 1) _verify_sampling_kernel(
 // Host side
 // ---------------------------------------------------------------------------------------------
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // Every row t[b, i, :] starts on a 16-byte boundary (so N-wide vector loads are aligned).
 bool rows_aligned(const at::Tensor& t, int64_t n) {
-  return aligned16(t.data_ptr()) && t.stride(0) % n == 0 && t.stride(1) % n == 0;
+  return aligned16(t) && stride_multiple(t, 0, n) && stride_multiple(t, 1, n);
 }
 
-void check_tensor(const char* name, const at::Tensor& t, int64_t dim, const char* dims) {
-  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D ", dims, ", got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+// The checks of glm45_ops/speculative.py, in its order and words (its _check_ids_in_vocab reads
+// the ids, a host sync, so it runs for CPU tensors only and has no counterpart here).
+void check_tensor(const char* name, const at::Tensor& t, std::initializer_list<at::ScalarType> dtypes,
+                  const char* what, int64_t ndim, const char* dims) {
+  check_dtype(name, t, dtypes, what);
+  TORCH_CHECK_VALUE(t.dim() == ndim, name, " must be ", ndim, "-D ", dims, ", got shape ", py_tuple(t.sizes()));
 }
 
 void check_ids(const at::Tensor& draft_ids) {
-  const auto dt = draft_ids.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kInt || dt == at::kLong, "draft_ids must be int32 or int64, got ", dt);
-  check_tensor("draft_ids", draft_ids, 2, "[B, S]");
+  check_tensor("draft_ids", draft_ids, {at::kInt, at::kLong}, "int32 or int64", 2, "[B, S]");
 }
 
-void check_float_rows(const char* name, const char* dims, const at::Tensor& t, int64_t B, int64_t rows, int64_t V,
-                      const char* what) {
-  const auto dt = t.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, name,
-                    " must be bfloat16, float16 or float32, got ", dt);
-  check_tensor(name, t, 3, dims);
-  const int64_t v = V < 0 ? t.size(2) : V;
+void check_same_device(const char* name, const at::Tensor& t, const at::Tensor& draft_ids) {
+  TORCH_CHECK_VALUE(t.device() == draft_ids.device(), name, " is on ", t.device().str(), " but draft_ids is on ",
+                    draft_ids.device().str());
+}
+
+// V = t.shape[-1] in [1, kMaxVocab], unit last stride
+int64_t check_vocab_rows(const char* name, const at::Tensor& t) {
+  const int64_t v = t.size(-1);
   TORCH_CHECK_VALUE(v >= 1 && v <= kMaxVocab, name, ": the vocabulary V=", v, " must be in [1, ", kMaxVocab,
                     "] (int64 fixed-point CDF)");
-  TORCH_CHECK_VALUE(t.size(0) == B && t.size(1) == rows && t.size(2) == v, name, " must have shape [", B, ", ",
-                    rows, ", ", v, "] (", what, "), got ", t.sizes());
-  TORCH_CHECK_VALUE(v == 1 || t.stride(2) == 1, name, " must be contiguous in its last dim (stride 1), got strides ",
-                    t.strides());
+  check_unit_last_stride(name, t);
+  return v;
 }
 
-void check_same_device(const char* name, const at::Tensor& t, const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device(), " but draft_ids is on ", ref.device());
-}
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-// f(Tag<float | __half | __nv_bfloat16>{}) for a float dtype (CUDA's own types in device code).
-template <typename F>
-void dispatch_float(at::ScalarType dt, const char* name, F&& f) {
-  switch (dt) {
-    case at::kFloat: return f(Tag<float>{});
-    case at::kHalf: return f(Tag<__half>{});
-    case at::kBFloat16: return f(Tag<__nv_bfloat16>{});
-    default: TORCH_CHECK_VALUE(false, name, " must be bfloat16, float16 or float32, got ", dt);
-  }
+void check_rows(const char* name, const at::Tensor& t, std::vector<int64_t> want, const char* what) {
+  TORCH_CHECK_VALUE(t.sizes() == c10::IntArrayRef(want), name, " must have shape ", py_list(want), " (", what,
+                    "), got ", py_list(t.sizes()));
 }
 
 template <typename F>
@@ -545,9 +515,13 @@ void dispatch_ids(const at::Tensor& ids, F&& f) {
 
 std::tuple<at::Tensor, at::Tensor> verify_greedy(const at::Tensor& draft_ids, const at::Tensor& target_logits) {
   check_ids(draft_ids);
-  const int64_t B = draft_ids.size(0), S = draft_ids.size(1);
-  check_float_rows("target_logits", "[B, S+1, V]", target_logits, B, S + 1, -1, "B and S+1 from draft_ids [B, S]");
+  check_tensor("target_logits", target_logits, {at::kBFloat16, at::kHalf, at::kFloat}, kFloatDtypes, 3,
+               "[B, S+1, V]");
   check_same_device("target_logits", target_logits, draft_ids);
+  const int64_t B = draft_ids.size(0), S = draft_ids.size(1);
+  const int64_t V = check_vocab_rows("target_logits", target_logits);
+  check_rows("target_logits", target_logits, {B, S + 1, V}, "B and S+1 from draft_ids [B, S]");
+  check_cuda("draft_ids", draft_ids);
   const c10::cuda::CUDAGuard guard(draft_ids.device());
   at::Tensor out = at::empty({B, S + 1}, draft_ids.options().dtype(at::kInt));
   at::Tensor num_accepted = at::empty({B}, draft_ids.options().dtype(at::kInt));
@@ -557,8 +531,7 @@ std::tuple<at::Tensor, at::Tensor> verify_greedy(const at::Tensor& draft_ids, co
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(draft_ids.get_device());
   const GreedyArgs a{S + 1, target_logits.size(2), target_logits.stride(0), target_logits.stride(1), out.stride(0),
                      out.stride(1)};
-  dispatch_float(target_logits.scalar_type(), "target_logits", [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
+  dispatch_float(target_logits.scalar_type(), "target_logits", [&]<typename scalar_t>() {
     constexpr int kVec = 16 / sizeof(scalar_t);
     const auto* lp = static_cast<const scalar_t*>(target_logits.data_ptr());
     const unsigned grid = static_cast<unsigned>(B * (S + 1));
@@ -583,23 +556,28 @@ std::tuple<at::Tensor, at::Tensor> verify_sampling(const std::optional<at::Tenso
                                                    const at::Tensor& draft_ids, const at::Tensor& target_probs,
                                                    const at::Tensor& uniform) {
   check_ids(draft_ids);
-  const int64_t B = draft_ids.size(0), S = draft_ids.size(1);
-  check_float_rows("target_probs", "[B, S+1, V]", target_probs, B, S + 1, -1, "B and S+1 from draft_ids [B, S]");
-  const int64_t V = target_probs.size(2);
+  check_tensor("target_probs", target_probs, {at::kBFloat16, at::kHalf, at::kFloat}, kFloatDtypes, 3,
+               "[B, S+1, V]");
+  check_tensor("uniform", uniform, {at::kFloat}, "float32", 2, "[B, S+1]");
   const bool has_draft = draft_probs.has_value();
   if (has_draft) {
-    check_float_rows("draft_probs", "[B, S, V]", *draft_probs, B, S, V, "B, S from draft_ids and V from target_probs");
+    check_tensor("draft_probs", *draft_probs, {at::kBFloat16, at::kHalf, at::kFloat}, kFloatDtypes, 3, "[B, S, V]");
     TORCH_CHECK_VALUE(draft_probs->scalar_type() == target_probs.scalar_type(), "draft_probs (",
-                      draft_probs->scalar_type(), ") and target_probs (", target_probs.scalar_type(),
-                      ") must share a dtype");
-    check_same_device("draft_probs", *draft_probs, draft_ids);
+                      py_dtype(draft_probs->scalar_type()), ") and target_probs (",
+                      py_dtype(target_probs.scalar_type()), ") must share a dtype");
   }
-  TORCH_CHECK_VALUE(uniform.scalar_type() == at::kFloat, "uniform must be float32, got ", uniform.scalar_type());
-  check_tensor("uniform", uniform, 2, "[B, S+1]");
-  TORCH_CHECK_VALUE(uniform.size(0) == B && uniform.size(1) == S + 1, "uniform must have shape [", B, ", ", S + 1,
-                    "] (one uniform per draft position plus one for the final draw), got ", uniform.sizes());
   check_same_device("target_probs", target_probs, draft_ids);
   check_same_device("uniform", uniform, draft_ids);
+  if (has_draft) check_same_device("draft_probs", *draft_probs, draft_ids);
+  const int64_t B = draft_ids.size(0), S = draft_ids.size(1);
+  const int64_t V = check_vocab_rows("target_probs", target_probs);
+  check_rows("target_probs", target_probs, {B, S + 1, V}, "B and S+1 from draft_ids [B, S]");
+  if (has_draft) {
+    check_vocab_rows("draft_probs", *draft_probs);
+    check_rows("draft_probs", *draft_probs, {B, S, V}, "B, S from draft_ids and V from target_probs");
+  }
+  check_rows("uniform", uniform, {B, S + 1}, "one uniform per draft position plus one for the final draw");
+  check_cuda("draft_ids", draft_ids);
   const c10::cuda::CUDAGuard guard(draft_ids.device());
   at::Tensor out = at::empty({B, S + 1}, draft_ids.options().dtype(at::kInt));
   at::Tensor num_accepted = at::empty({B}, draft_ids.options().dtype(at::kInt));
@@ -620,8 +598,7 @@ std::tuple<at::Tensor, at::Tensor> verify_sampling(const std::optional<at::Tenso
                        uniform.stride(1),
                        out.stride(0),
                        out.stride(1)};
-  dispatch_float(target_probs.scalar_type(), "target_probs", [&](auto tag) {
-    using scalar_t = typename decltype(tag)::type;
+  dispatch_float(target_probs.scalar_type(), "target_probs", [&]<typename scalar_t>() {
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vec = rows_aligned(target_probs, kVec) && (!has_draft || rows_aligned(dp, kVec));
     const auto* tp = static_cast<const scalar_t*>(target_probs.data_ptr());

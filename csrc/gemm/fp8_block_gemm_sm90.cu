@@ -56,7 +56,7 @@
 // plain sm_90 (TORCH_CUDA_ARCH_LIST=9.0 or 9.0+PTX, common in container images) the kernel
 // prints an error and returns, leaving the output uninitialised while every host check passes.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#error "fp8_block_gemm_sm90.cu needs sm_90a, not sm_90: set TORCH_CUDA_ARCH_LIST=9.0a (nvcc -gencode=arch=compute_90a,code=sm_90a)"
+#error "fp8_block_gemm_sm90.cu needs sm_90a, not sm_90: build with TORCH_CUDA_ARCH_LIST=9.0a"
 #endif
 
 #if defined(CUTLASS_ARCH_MMA_SM90_SUPPORTED)

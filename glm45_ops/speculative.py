@@ -7,10 +7,13 @@ including NaN/inf, the fixed-point inverse CDF that makes the sampled draw bit-i
 everywhere, and empty batches):
 
 * ``verify_greedy(draft_ids, target_logits) -> (out_ids, num_accepted)``
-* ``verify_sampling(draft_probs?, draft_ids, target_probs, uniform) -> (out_ids, num_accepted)``
+* ``verify_sampling(draft_ids, target_probs, uniform, draft_probs=None) -> (out_ids, num_accepted)``
 
-``draft_probs`` is the first argument (FlashInfer's order, and the C++ kernel's signature), so
-the schema cannot give it a default: pass ``None`` for a one-hot draft.
+Both take their arguments in the schema's order: the raw ops, the Python functions below, the
+reference and every kernel. ``draft_probs`` is optional, so it comes last (FlashInfer's
+``chain_speculative_sampling`` puts it first: pass it by keyword when porting), and
+``torch.ops.glm45.verify_sampling.default(draft_ids, target_probs, uniform)`` verifies a one-hot
+("target only") draft. The Python ``verify_sampling`` also draws ``uniform`` when not given it.
 ``probs_from_logits(logits, temperature, top_k, top_p)`` makes the target and draft
 distributions (batched, per-row parameters, no host sync).
 
@@ -159,7 +162,7 @@ def _greedy_samples(device, gen):
 def _greedy_errors(device):
     ids = torch.zeros(3, 2, dtype=torch.int64, device=device)
     logits = torch.randn(3, 3, 50, device=device)
-    errors = [
+    return [
         ErrorInput((ids.float(), logits), match="draft_ids must be int32 or int64"),
         ErrorInput((ids[0], logits), match=r"draft_ids must be 2-D \[B, S\]"),
         ErrorInput((ids, logits.double()), match="target_logits must be bfloat16, float16 or float32"),
@@ -168,11 +171,9 @@ def _greedy_errors(device):
         ErrorInput((ids[:2], logits), match=r"target_logits must have shape \[2, 3, 50\]"),
         ErrorInput((ids, logits[..., :0]), match="target_logits: the vocabulary V=0"),
         ErrorInput((ids, logits.transpose(0, 2).contiguous().transpose(0, 2)), match="contiguous in its last dim"),
+        ErrorInput((ids, logits.to("meta")), match=f"target_logits is on meta but draft_ids is on {device}"),
         ErrorInput(("ids", logits), exc=TypeError, match="draft_ids must be torch.Tensor", raw=False),
     ]
-    if device.type == "cpu":  # the C++ kernel on CUDA refuses a non-CUDA tensor first
-        errors.append(ErrorInput((ids, logits.to("meta")), match="target_logits is on meta but draft_ids is on cpu"))
-    return errors
 
 
 _greedy_op = Op(
@@ -202,7 +203,7 @@ verify_greedy = _greedy_op.api(
 # verify_sampling
 # ---------------------------------------------------------------------------------------------
 
-def _check_sampling(draft_probs, draft_ids, target_probs, uniform):
+def _check_sampling(draft_ids, target_probs, uniform, draft_probs):
     _check_tensor("draft_ids", draft_ids, _ID_DTYPES, 2, "[B, S]")
     _check_tensor("target_probs", target_probs, _FLOAT_DTYPES, 3, "[B, S+1, V]")
     _check_tensor("uniform", uniform, (torch.float32,), 2, "[B, S+1]")
@@ -221,14 +222,14 @@ def _check_sampling(draft_probs, draft_ids, target_probs, uniform):
     _check_ids_in_vocab(draft_ids, v)
 
 
-def _alloc_sampling(draft_probs, draft_ids, target_probs, uniform):
+def _alloc_sampling(draft_ids, target_probs, uniform, draft_probs):
     return _alloc_out(draft_ids)
 
 
-def _sampling_launch(outs, draft_probs, draft_ids, target_probs, uniform):
+def _sampling_launch(outs, draft_ids, target_probs, uniform, draft_probs):
     from triton_ops import speculative as ts
 
-    ts.verify_sampling(draft_probs, draft_ids, target_probs, uniform, *outs)
+    ts.verify_sampling(draft_ids, target_probs, uniform, draft_probs, *outs)
 
 
 def _sampling_inputs(b, s, v, gen, device, with_draft=True, dtype=torch.float32):
@@ -247,11 +248,11 @@ def _sampling_inputs(b, s, v, gen, device, with_draft=True, dtype=torch.float32)
     u = torch.rand(b, s + 1, generator=gen, device=gen.device)
     u[:1, s] = 0.0
     u[1:2, s] = 1.0 - 2.0**-24
-    return ((p.to(dtype).to(device) if with_draft else None), draft.to(device), q.to(dtype).to(device), u.to(device))
+    return draft.to(device), q.to(dtype).to(device), u.to(device), (p.to(dtype).to(device) if with_draft else None)
 
 
 def _sampling_samples(device, gen):
-    p, ids, q, u = _sampling_inputs(4, 2, 40, gen, device)
+    ids, q, u, p = _sampling_inputs(4, 2, 40, gen, device)
     x = ids.tolist()
     # rows whose residual has no mass: p == q (the draw falls back to q), an all-zero target
     # row (nothing to draw: V - 1); and a one-hot target the drafts follow (always accepted)
@@ -273,45 +274,43 @@ def _sampling_samples(device, gen):
     pitched = torch.zeros(4, 2, 45, device=device)
     pitched[..., 2:42] = p
     return [
-        Sample((p, ids, q, u)),
-        Sample((None, ids, q, u), note="one-hot draft"),
+        Sample((ids, q, u, p)),
+        Sample((ids, q, u), note="one-hot draft"),
         Sample(_sampling_inputs(5, 3, 33, gen, device, dtype=torch.bfloat16)),
         Sample(_sampling_inputs(3, 1, 20, gen, device, with_draft=False, dtype=torch.float16)),
-        Sample((pitched[..., 2:42], ids.to(torch.int32), q, u), note="row-strided draft_probs, int32 ids"),
-        Sample((zp, zids, zq, u), note="zero-mass rows"),
-        Sample((None, zids, zq, u), note="zero-mass rows, one-hot draft"),
-        Sample((None, ids[:, :0], q[:, :1], u[:, :1]), tag="empty", note="S = 0: only the bonus"),
-        Sample((p[:0], ids[:0], q[:0], u[:0]), tag="empty", note="B = 0"),
-        Sample((np_, ids, nq, u), tag="nonfinite"),
-        Sample((None, ids, nq, u), tag="nonfinite"),
+        Sample((ids.to(torch.int32), q, u, pitched[..., 2:42]), note="row-strided draft_probs, int32 ids"),
+        Sample((zids, zq, u, zp), note="zero-mass rows"),
+        Sample((zids, zq, u), note="zero-mass rows, one-hot draft"),
+        Sample((ids[:, :0], q[:, :1], u[:, :1]), tag="empty", note="S = 0: only the bonus"),
+        Sample((ids[:0], q[:0], u[:0], p[:0]), tag="empty", note="B = 0"),
+        Sample((ids, nq, u, np_), tag="nonfinite"),
+        Sample((ids, nq, u), tag="nonfinite"),
     ]
 
 
 def _sampling_errors(device):
-    p, ids, q, u = _sampling_inputs(3, 2, 50, torch.Generator().manual_seed(0), device)
-    errors = [
-        ErrorInput((p, ids.float(), q, u), match="draft_ids must be int32 or int64"),
-        ErrorInput((p, ids, q.double(), u), match="target_probs must be bfloat16, float16 or float32"),
-        ErrorInput((p.double(), ids, q, u), match="draft_probs must be bfloat16, float16 or float32"),
-        ErrorInput((p.bfloat16(), ids, q, u), match="must share a dtype"),
-        ErrorInput((p, ids, q, u.double()), match="uniform must be float32"),
-        ErrorInput((p, ids, q, u[0]), match=r"uniform must be 2-D \[B, S\+1\]"),
-        ErrorInput((p, ids, q[:, :2], u), match=r"target_probs must have shape \[3, 3, 50\]"),
-        ErrorInput((p[..., :-1], ids, q, u), match=r"draft_probs must have shape \[3, 2, 50\]"),
-        ErrorInput((p[:, :1], ids, q, u), match=r"draft_probs must have shape \[3, 2, 50\]"),
-        ErrorInput((p, ids, q, u[:, :2]), match=r"uniform must have shape \[3, 3\]"),
-        ErrorInput((None, ids, q[..., :0], u), match="target_probs: the vocabulary V=0"),
-        ErrorInput((None, ids, q.transpose(0, 2).contiguous().transpose(0, 2), u), match="contiguous in its last dim"),
-        ErrorInput(("p", ids, q, u), exc=TypeError, match="draft_probs must be torch.Tensor or None", raw=False),
+    ids, q, u, p = _sampling_inputs(3, 2, 50, torch.Generator().manual_seed(0), device)
+    return [
+        ErrorInput((ids.float(), q, u, p), match="draft_ids must be int32 or int64"),
+        ErrorInput((ids, q.double(), u, p), match="target_probs must be bfloat16, float16 or float32"),
+        ErrorInput((ids, q, u, p.double()), match="draft_probs must be bfloat16, float16 or float32"),
+        ErrorInput((ids, q, u, p.bfloat16()), match="must share a dtype"),
+        ErrorInput((ids, q, u.double(), p), match="uniform must be float32"),
+        ErrorInput((ids, q, u[0], p), match=r"uniform must be 2-D \[B, S\+1\]"),
+        ErrorInput((ids, q[:, :2], u, p), match=r"target_probs must have shape \[3, 3, 50\]"),
+        ErrorInput((ids, q, u, p[..., :-1]), match=r"draft_probs must have shape \[3, 2, 50\]"),
+        ErrorInput((ids, q, u, p[:, :1]), match=r"draft_probs must have shape \[3, 2, 50\]"),
+        ErrorInput((ids, q, u[:, :2], p), match=r"uniform must have shape \[3, 3\]"),
+        ErrorInput((ids, q[..., :0], u), match="target_probs: the vocabulary V=0"),
+        ErrorInput((ids, q.transpose(0, 2).contiguous().transpose(0, 2), u), match="contiguous in its last dim"),
+        ErrorInput((ids, q, u.to("meta"), p), match=f"uniform is on meta but draft_ids is on {device}"),
+        ErrorInput((ids, q, u, "p"), exc=TypeError, match="draft_probs must be torch.Tensor or None", raw=False),
     ]
-    if device.type == "cpu":  # the C++ kernel on CUDA refuses a non-CUDA tensor first
-        errors.append(ErrorInput((p, ids, q, u.to("meta")), match="uniform is on meta but draft_ids is on cpu"))
-    return errors
 
 
 _sampling_op = Op(
     "verify_sampling",
-    "(Tensor? draft_probs, Tensor draft_ids, Tensor target_probs, Tensor uniform) -> (Tensor, Tensor)",
+    "(Tensor draft_ids, Tensor target_probs, Tensor uniform, Tensor? draft_probs=None) -> (Tensor, Tensor)",
     check=_check_sampling,
     alloc=_alloc_sampling,
     torch_impl=ref.verify_sampling_ref,
@@ -321,22 +320,26 @@ _sampling_op = Op(
 )
 
 
+_SAMPLING_DEFAULTS = {a.name: a.default for a in _sampling_op.args}  # the schema's, for the wrapper's signature
+
+
 def verify_sampling(
-    draft_probs: torch.Tensor | None,
     draft_ids: torch.Tensor,
     target_probs: torch.Tensor,
     uniform: torch.Tensor | None = None,
+    draft_probs: torch.Tensor | None = _SAMPLING_DEFAULTS["draft_probs"],
     *,
     generator: torch.Generator | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rejection-sampling (chain) verification; the emitted tokens follow the target exactly.
 
-    ``draft_probs`` ``[B, S, V]`` or None (a greedy, one-hot draft: "target only"),
-    ``draft_ids`` int32/int64 ``[B, S]``, ``target_probs`` ``[B, S+1, V]`` (bf16/fp16/fp32, the
-    same dtype as ``draft_probs``, already tempered / top-k / top-p renormalised, e.g. by
-    :func:`probs_from_logits`), ``uniform`` fp32 ``[B, S+1]`` in [0, 1): ``uniform[:, i]`` decides
-    draft ``i``, ``uniform[:, S]`` drives the final inverse-CDF draw. Returns ``out_ids`` int32
+    ``draft_ids`` int32/int64 ``[B, S]``, ``target_probs`` ``[B, S+1, V]`` (bf16/fp16/fp32,
+    already tempered / top-k / top-p renormalised, e.g. by :func:`probs_from_logits`),
+    ``uniform`` fp32 ``[B, S+1]`` in [0, 1): ``uniform[:, i]`` decides draft ``i``,
+    ``uniform[:, S]`` drives the final inverse-CDF draw; ``draft_probs`` ``[B, S, V]`` in
+    ``target_probs``' dtype, or None for a greedy, one-hot draft ("target only"): the schema's
+    order, not FlashInfer's (module docstring). Returns ``out_ids`` int32
     ``[B, S+1]`` (accepted drafts, the emitted token, then ``-1``) and ``num_accepted`` int32
     ``[B]``. Passing ``uniform`` makes the call deterministic and CUDA-graph safe; without it,
     the uniforms are drawn on ``target_probs``'s device from ``generator`` (no host sync).
@@ -344,7 +347,7 @@ def verify_sampling(
     if uniform is None:
         b, s = draft_ids.shape
         uniform = torch.rand((b, s + 1), generator=generator, device=target_probs.device, dtype=torch.float32)
-    return _sampling_op(draft_probs, draft_ids, target_probs, uniform, backend=backend)
+    return _sampling_op(draft_ids, target_probs, uniform, draft_probs, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------

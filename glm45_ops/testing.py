@@ -10,6 +10,8 @@
   the Python backends, and the CUDA caching allocator's free blocks for the C++ kernels, which
   allocate their outputs themselves.
 * :func:`one_thread`: torch on one CPU thread (tiny ops on a shared 2-core box run faster).
+* :func:`cuda_kernel_differs`: whether an op's C++ kernel refuses bad input as its Python check
+  does (same exception type, same message), checked without a GPU.
 """
 
 from __future__ import annotations
@@ -118,3 +120,30 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def cuda_kernel_differs(op: "_registry.Op", args: tuple, kwargs: dict | None = None) -> str | None:
+    """None if ``op``'s C++ kernel (``op.has_cuda_kernel()``) answers CPU-tensor ``args`` as its
+    Python ``check`` does, else why. Called through the CUDA dispatch key, the kernel runs every
+    host check before its device check: where Python raises, it must raise the same exception
+    type with the same message; where Python accepts, it may only raise its device error."""
+    bound = op.bind(args, kwargs or {})
+    try:
+        op.check(*bound)
+        want = None
+    except Exception as e:  # noqa: BLE001 - the type is compared
+        want = e
+    try:
+        op.overload.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *bound)
+        return "the C++ kernel ran on CPU tensors"
+    except Exception as e:  # noqa: BLE001 - the type is compared
+        got = e
+    if want is None:
+        device_errors = {f"{a.name} must be a CUDA tensor for the cuda backend, got device cpu"
+                         for a in op.args if "Tensor" in a.type}
+        if isinstance(got, ValueError) and str(got) in device_errors:
+            return None
+        return f"Python accepts; C++ raised {type(got).__name__}: {got}"
+    if type(got) is type(want) and str(got) == str(want):
+        return None
+    return f"C++ raised {type(got).__name__}: {got}\nPython raised {type(want).__name__}: {want}"

@@ -200,10 +200,10 @@ def verify_greedy(draft_ids: torch.Tensor, logits: torch.Tensor, out_ids: torch.
 
 
 def verify_sampling(
-    draft_probs: torch.Tensor | None,
     draft_ids: torch.Tensor,
     target_probs: torch.Tensor,
     uniform: torch.Tensor,
+    draft_probs: torch.Tensor | None,
     out_ids: torch.Tensor,
     num_accepted: torch.Tensor,
 ) -> None:

@@ -552,9 +552,9 @@ std::tuple<at::Tensor, at::Tensor> verify_greedy(const at::Tensor& draft_ids, co
   return {out, num_accepted};
 }
 
-std::tuple<at::Tensor, at::Tensor> verify_sampling(const std::optional<at::Tensor>& draft_probs,
-                                                   const at::Tensor& draft_ids, const at::Tensor& target_probs,
-                                                   const at::Tensor& uniform) {
+std::tuple<at::Tensor, at::Tensor> verify_sampling(const at::Tensor& draft_ids, const at::Tensor& target_probs,
+                                                   const at::Tensor& uniform,
+                                                   const std::optional<at::Tensor>& draft_probs) {
   check_ids(draft_ids);
   check_tensor("target_probs", target_probs, {at::kBFloat16, at::kHalf, at::kFloat}, kFloatDtypes, 3,
                "[B, S+1, V]");

@@ -104,13 +104,13 @@ def inverse_cdf_draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def verify_sampling_ref(
-    draft_probs: torch.Tensor | None,
     draft_ids: torch.Tensor,
     target_probs: torch.Tensor,
     uniform: torch.Tensor,
+    draft_probs: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``draft_probs`` float ``[B, S, V]`` or None (one-hot draft), ``draft_ids`` int ``[B, S]``,
-    ``target_probs`` float ``[B, S+1, V]``, ``uniform`` fp32 ``[B, S+1]`` in [0, 1) ->
+    """``draft_ids`` int ``[B, S]``, ``target_probs`` float ``[B, S+1, V]``, ``uniform`` fp32
+    ``[B, S+1]`` in [0, 1), ``draft_probs`` float ``[B, S, V]`` or None (one-hot draft) ->
     (``out_ids`` int32 ``[B, S+1]``, ``num_accepted`` int32 ``[B]``); see the module docstring."""
     b, s = draft_ids.shape
     v = target_probs.shape[-1]

@@ -1,10 +1,11 @@
 """The CUTLASS kernel of fp8_block_gemm (csrc/gemm/fp8_block_gemm_sm90.cu).
 
-Without a GPU: its C++ checks, called through the CUDA dispatch key with CPU tensors, raise the
-Python check's ValueError word for word, and for arguments Python accepts (K = 16, 176, 192, 1040,
-single rows with any stride, odd N, both a_scale layouts) get past CUTLASS's can_implement (run
-on the host before the device check) to the device error; and the translation unit refuses, at
-preprocessing time, a build for sm_90 without the 'a' features.
+Without a GPU: its C++ checks, called through the CUDA dispatch key with CPU tensors
+(``glm45_ops.testing.cuda_kernel_differs``; the error table's cases are tests/test_extension.py's),
+raise the Python check's ValueError word for word, and for arguments Python accepts (K = 16, 176,
+192, 1040, single rows with any stride, odd N, both a_scale layouts) get past CUTLASS's
+can_implement (run on the host before the device check) to the device error; and the translation
+unit refuses, at preprocessing time, a build for sm_90 without the 'a' features.
 
 On the GPU: the swap-AB decode kernel (M <= 64) and the cooperative kernel just above it, at
 GLM-4.5's shard widths and odd N, outputs poisoned in the caching allocator before every call,
@@ -28,7 +29,7 @@ import glm45_ops
 from glm45_ops import gemm, quant, registered_ops
 from glm45_ops.reference.gemm import fp8_block_gemm_ref
 from glm45_ops.reference.quant import FP8_DTYPE
-from glm45_ops.testing import poison_cuda_cache
+from glm45_ops.testing import cuda_kernel_differs, poison_cuda_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 OP = registered_ops()["fp8_block_gemm"]
@@ -38,34 +39,6 @@ gpu = pytest.mark.gpu
 # ---------------------------------------------------------------------------------------------
 # No GPU needed: the C++ checks and can_implement through the CUDA key
 # ---------------------------------------------------------------------------------------------
-
-def python_error(args: tuple) -> str | None:
-    try:
-        OP.check(*OP.bind(args, {}))
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def assert_same_checks(args: tuple) -> None:
-    """The C++ kernel's ValueError for CPU tensors through the CUDA key is Python's, or, where
-    Python accepts, the device error (so CUTLASS's can_implement, which runs before it, passed)."""
-    if not glm45_ops.extension_loaded():
-        pytest.skip(f"extension not built: {glm45_ops.extension_error()}")
-    want = python_error(args) or "a must be a CUDA tensor for the cuda backend, got device cpu"
-    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
-    with pytest.raises(ValueError) as info:
-        OP.overload.redispatch(keys, *OP.bind(args, {}))
-    assert str(info.value) == want
-
-
-TABLE = [e.args for e in OP.errors(torch.device("cpu")) if e.raw and e.exc is ValueError]
-
-
-@pytest.mark.parametrize("args", TABLE, ids=[f"table{i}" for i in range(len(TABLE))])
-def test_cpp_checks_match_the_error_table(args):
-    assert_same_checks(args)
-
 
 def fp8(*shape, stride=None, offset=0) -> torch.Tensor:
     """An e4m3 tensor of zeros; with ``stride`` a view of that stride, ``offset`` bytes into its
@@ -125,13 +98,21 @@ REFUSED = [
 @pytest.mark.parametrize("args", ACCEPTED + REFUSED, ids=[f"accepted{i}" for i in range(len(ACCEPTED))]
                          + [f"refused{i}" for i in range(len(REFUSED))])
 def test_cpp_checks_and_can_implement(args):
-    assert_same_checks(args)
+    """The C++ kernel's ValueError is Python's, or, where Python accepts, the device error (so
+    CUTLASS's can_implement, which runs before it, passed)."""
+    if not glm45_ops.extension_loaded():
+        pytest.skip(f"extension not built: {glm45_ops.extension_error()}")
+    why = cuda_kernel_differs(OP, args)
+    assert why is None, why
 
 
 def test_the_accepted_cases_are_accepted_by_python():
     """So test_cpp_checks_and_can_implement reaches CUTLASS's can_implement for each of them."""
-    assert all(python_error(args) is None for args in ACCEPTED)
-    assert all(python_error(args) is not None for args in REFUSED)
+    for args in ACCEPTED:
+        OP.check(*OP.bind(args, {}))
+    for args in REFUSED:
+        with pytest.raises(ValueError):
+            OP.check(*OP.bind(args, {}))
 
 
 def nvcc() -> str | None:

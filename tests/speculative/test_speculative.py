@@ -1,9 +1,9 @@
 """MTP speculative verification: greedy and sampling ops on every backend exactly equal to the
 reference; the reference checked against naive per-row oracles; the sampler's output distribution
 and acceptance rates checked statistically; probs_from_logits' definition (tiny and NaN
-parameters); CUDA graphs. opcheck, torch.compile, the bad-input tables, empty and non-finite
-samples are the generic contract tests (tests/test_contract.py, tables in
-glm45_ops/speculative.py)."""
+parameters); the C++ kernels' host checks beyond the error tables; CUDA graphs. opcheck,
+torch.compile, the bad-input tables, empty and non-finite samples are the generic contract tests
+(tests/test_contract.py, tables in glm45_ops/speculative.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import math
 import pytest
 import torch
 
+import glm45_ops
 from conftest import cpu_backends, device_backends
 from glm45_ops import speculative as spec
 from glm45_ops.reference import speculative as ref
-from glm45_ops.testing import outputs_differ, poisoned_outputs
+from glm45_ops.testing import cuda_kernel_differs, outputs_differ, poisoned_outputs
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BACKENDS = device_backends()
@@ -152,18 +153,18 @@ def sampling_inputs(b: int, s: int, v: int, gen, with_draft: bool, dtype=torch.f
     u = torch.rand(b, s + 1, generator=gen)
     u[0, s] = 0.0
     u[1, s] = 1.0 - 2.0**-24
-    return (p.to(dtype) if with_draft else None), draft, q.to(dtype), u
+    return draft, q.to(dtype), u, (p.to(dtype) if with_draft else None)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("with_draft", [True, False])
 @pytest.mark.parametrize("s,v,dtype", [(1, 1031, torch.float32), (3, 3001, torch.float32), (3, 999, torch.bfloat16)])
 def test_verify_sampling_exact(gen, poisoned, device, backend, with_draft, s, v, dtype):
-    p, draft, q, u = sampling_inputs(16, s, v, gen, with_draft, dtype)
-    want = ref.verify_sampling_ref(p, draft, q, u)
+    draft, q, u, p = sampling_inputs(16, s, v, gen, with_draft, dtype)
+    want = ref.verify_sampling_ref(draft, q, u, p)
     assert want[1].unique().numel() > 1, "inputs should exercise several accept counts"
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    got = spec.verify_sampling(to(p), to(draft), to(q), to(u), backend=backend)
+    got = spec.verify_sampling(to(draft), to(q), to(u), to(p), backend=backend)
     assert_same(got, want, f"{backend} draft={with_draft}")
 
 
@@ -187,14 +188,14 @@ def test_verify_sampling_degenerate_rows(gen, poisoned, device, backend):
     pad = torch.zeros(b, s, v + 4)
     pad[..., 2 : 2 + v] = p
     p_strided = pad[..., 2 : 2 + v]
-    want = ref.verify_sampling_ref(p, draft, q, u)
+    want = ref.verify_sampling_ref(draft, q, u, p)
     assert want[0][0, 0] != 7 and want[0][1, 0] == v - 1 and want[0][2].tolist() == [11, 11, 11]
     ids32 = draft.to(torch.int32)
-    got = spec.verify_sampling(p_strided.to(device), ids32.to(device), q.to(device), u.to(device), backend=backend)
+    got = spec.verify_sampling(ids32.to(device), q.to(device), u.to(device), p_strided.to(device), backend=backend)
     assert_same(got, want, backend)
     # S = 0: only the bonus draw
-    got0 = spec.verify_sampling(None, draft[:, :0].to(device), q[:, :1].to(device), u[:, :1].to(device), backend=backend)
-    assert_same(got0, ref.verify_sampling_ref(None, draft[:, :0], q[:, :1], u[:, :1]), backend + " S=0")
+    got0 = spec.verify_sampling(draft[:, :0].to(device), q[:, :1].to(device), u[:, :1].to(device), backend=backend)
+    assert_same(got0, ref.verify_sampling_ref(draft[:, :0], q[:, :1], u[:, :1], None), backend + " S=0")
 
 
 def test_inverse_cdf_draw_ends():
@@ -218,12 +219,12 @@ def test_out_of_range_ids_are_rejected(gen, poisoned, device, backend):
     """The kernels define an id outside [0, V) as a token of probability 0: rejected, never read."""
     b, s, v = 4, 3, 300
     for with_draft in (True, False):
-        p, draft, q, u = sampling_inputs(b, s, v, gen, with_draft)
+        draft, q, u, p = sampling_inputs(b, s, v, gen, with_draft)
         q[:, :s] = q[:, :s] + 1.0  # would accept anything that is read
         draft[0, 0], draft[1, 1], draft[2, 2], draft[3, 0] = -1, v, 2**40, -(2**40)
-        want = ref.verify_sampling_ref(p, draft, q, u)
+        want = ref.verify_sampling_ref(draft, q, u, p)
         assert want[1].tolist() == [0, 1, 2, 0]
-        args = [None if t is None else t.to(device) for t in (p, draft, q, u)]
+        args = [None if t is None else t.to(device) for t in (draft, q, u, p)]
         assert_same(unchecked(spec._sampling_op, backend)(*args), want, f"{backend} draft={with_draft}")
     draft, logits = greedy_inputs(b, s, v, torch.float32, gen)
     draft[0, 0], draft[1, 1] = -5, v + 5
@@ -235,26 +236,67 @@ def test_out_of_range_ids_are_rejected(gen, poisoned, device, backend):
 def test_out_of_range_ids_are_refused_on_cpu(gen):
     """Where the range check costs no host sync (real CPU tensors), it raises, naming the id.
     (Not in the op's error table: fake tensors, like CUDA ones, skip it by definition.)"""
-    p, ids, q, u = sampling_inputs(3, 2, 50, gen, True)
+    ids, q, u, p = sampling_inputs(3, 2, 50, gen, True)
     logits = torch.randn(3, 3, 50, generator=gen)
     bad = ids.clone()
     bad[1, 1] = 50
     for backend in cpu_backends():
         with pytest.raises(ValueError, match=r"draft_ids must lie in \[0, V=50\); found 50 at flat index 3"):
-            spec.verify_sampling(p, bad, q, u, backend=backend)
+            spec.verify_sampling(bad, q, u, p, backend=backend)
         bad[1, 1] = -1
         with pytest.raises(ValueError, match="found -1"):
             spec.verify_greedy(bad, logits, backend=backend)
         bad[1, 1] = 50
     with pytest.raises(ValueError, match="found 50"):
-        torch.ops.glm45.verify_sampling.default(None, bad, q, u)
+        torch.ops.glm45.verify_sampling.default(bad, q, u)
 
 
 def test_generator_draws_the_uniforms(gen):
-    p, draft, q, _ = sampling_inputs(8, 3, 200, gen, True)
-    got = spec.verify_sampling(p, draft, q, generator=torch.Generator().manual_seed(7))
+    draft, q, _, p = sampling_inputs(8, 3, 200, gen, True)
+    got = spec.verify_sampling(draft, q, draft_probs=p, generator=torch.Generator().manual_seed(7))
     u = torch.rand(8, 4, generator=torch.Generator().manual_seed(7))
-    assert_same(got, ref.verify_sampling_ref(p, draft, q, u))
+    assert_same(got, ref.verify_sampling_ref(draft, q, u, p))
+
+
+def cpp_check_cases() -> list[tuple]:
+    """(op, args) beyond the error tables and samples: inputs Python accepts (V = MAX_VOCAB, a
+    one-id vocabulary of any stride) and refuses (V = MAX_VOCAB + 1, each argument's other
+    dtypes and dims, strided draft rows, draft and target dtypes that differ)."""
+    greedy, sampling = spec._greedy_op, spec._sampling_op
+    ids, u = torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 4)
+    logits, q, p = torch.zeros(2, 4, 10), torch.zeros(2, 4, 10), torch.zeros(2, 3, 10)
+    cases = []
+    for v in (ref.MAX_VOCAB, ref.MAX_VOCAB + 1):  # 16 MiB of bf16, never written
+        row = torch.empty(1, 1, v, dtype=torch.bfloat16)
+        cases += [(greedy, (ids[:1, :0], row)), (sampling, (ids[:1, :0], row, u[:1, :1]))]
+    for dt in (torch.float64, torch.int32, torch.bool, torch.float8_e4m3fn, torch.complex64):
+        cases += [(greedy, (ids, logits.to(dt))), (sampling, (ids, q.to(dt), u)),
+                  (sampling, (ids, q, u.to(dt), p)), (sampling, (ids, q, u, p.to(dt)))]
+    for dt in (torch.int32, torch.float32, torch.int16, torch.uint8):
+        cases += [(greedy, (ids.to(dt), logits)), (sampling, (ids.to(dt), q, u, p))]
+    one_id = torch.zeros(2, 4, 3)[..., 1:2]  # V = 1 with last stride 3: no stride to check
+    cases += [
+        (greedy, (ids[None], logits)), (greedy, (ids, logits[:, :, ::2])), (greedy, (ids, one_id)),
+        (sampling, (ids[0], q, u)), (sampling, (ids, q[0], u, p)), (sampling, (ids, q, u[None], p)),
+        (sampling, (ids, q, u, p[0])), (sampling, (ids, q, u, p.half())), (sampling, (ids, q, u, p[:, :, ::2])),
+        (sampling, (ids, q, u, p.transpose(0, 2).contiguous().transpose(0, 2))),
+        (sampling, (ids, one_id, u, torch.zeros(2, 3, 5)[..., :1])), (sampling, (ids, q, u, torch.zeros(2, 3, 11))),
+    ]
+    return cases
+
+
+def test_cpp_checks_match_python():
+    """The C++ kernels' host checks (through the CUDA key, no GPU) beyond the error tables and
+    samples, which tests/test_extension.py runs: Python's ValueError word for word, or the device
+    error where Python accepts."""
+    if not glm45_ops.extension_loaded():
+        pytest.skip(f"extension not built: {glm45_ops.extension_error()}")
+    wrong = []
+    for i, (op, args) in enumerate(cpp_check_cases()):
+        why = cuda_kernel_differs(op, args)
+        if why is not None:
+            wrong.append(f"case {i} ({op.name}): {why}")
+    assert not wrong, "\n".join(wrong)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +325,7 @@ def test_emitted_tokens_follow_target(with_draft):
     draft = sample(p.expand(N_ROWS, s, v), g)
     qb = q.expand(N_ROWS, s + 1, v)
     pb = p.expand(N_ROWS, s, v) if with_draft else None
-    out, acc = spec.verify_sampling(pb, draft, qb, generator=g, backend="torch")
+    out, acc = spec.verify_sampling(draft, qb, draft_probs=pb, generator=g, backend="torch")
 
     for i in range(s + 1):
         reached = acc >= i  # position i is emitted by these requests
@@ -443,10 +485,10 @@ def test_gpu_full_vocab(device, backend, v):
                     ref.verify_greedy_ref(draft, logits), f"greedy {dtype} V={v}")
     for with_draft in (True, False):
         for dtype in (torch.float32, torch.bfloat16):
-            p, draft, q, u = sampling_inputs(64, 3, v, gen, with_draft, dtype)
+            draft, q, u, p = sampling_inputs(64, 3, v, gen, with_draft, dtype)
             to = lambda t: None if t is None else t.cuda()  # noqa: E731
-            assert_same(spec.verify_sampling(to(p), to(draft), to(q), to(u), backend=backend),
-                        ref.verify_sampling_ref(p, draft, q, u), f"sampling {dtype} draft={with_draft} V={v}")
+            assert_same(spec.verify_sampling(to(draft), to(q), to(u), to(p), backend=backend),
+                        ref.verify_sampling_ref(draft, q, u, p), f"sampling {dtype} draft={with_draft} V={v}")
 
 
 @pytest.mark.gpu
@@ -455,20 +497,20 @@ def test_gpu_cuda_graph(device, backend):
     """Both ops capture into a CUDA graph (no host sync, no allocation that changes per call) and
     replays recompute from the captured inputs' new contents."""
     gen = torch.Generator().manual_seed(3)
-    p, draft, q, u = (t.cuda() for t in sampling_inputs(8, 3, 4096, gen, True))
+    draft, q, u, p = (t.cuda() for t in sampling_inputs(8, 3, 4096, gen, True))
     gd, gl = (t.cuda() for t in greedy_inputs(8, 3, 4096, torch.bfloat16, gen))
-    spec.verify_sampling(p, draft, q, u, backend=backend)  # warm up (Triton compiles)
+    spec.verify_sampling(draft, q, u, p, backend=backend)  # warm up (Triton compiles)
     spec.verify_greedy(gd, gl, backend=backend)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        s_out = spec.verify_sampling(p, draft, q, u, backend=backend)
+        s_out = spec.verify_sampling(draft, q, u, p, backend=backend)
         g_out = spec.verify_greedy(gd, gl, backend=backend)
     u.copy_(torch.rand(u.shape, generator=gen).cuda())
     gl.copy_(torch.randn(gl.shape, generator=gen).to(gl.dtype).cuda())
     graph.replay()
     torch.cuda.synchronize()
-    assert_same(s_out, ref.verify_sampling_ref(p.cpu(), draft.cpu(), q.cpu(), u.cpu()), "graph sampling")
+    assert_same(s_out, ref.verify_sampling_ref(draft.cpu(), q.cpu(), u.cpu(), p.cpu()), "graph sampling")
     assert_same(g_out, ref.verify_greedy_ref(gd.cpu(), gl.cpu()), "graph greedy")
 
 

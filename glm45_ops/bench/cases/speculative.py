@@ -30,9 +30,10 @@ BATCH_GPU, BATCH_CPU = 64, 8
 
 
 def _distributions(b: int, v: int, with_draft: bool):
-    """Inputs of verify_sampling: target [B, S+1, V] and draft [B, S, V] fp32 probabilities
-    that overlap as a decent draft model's do (shared logits plus noise), drafts sampled from the
-    draft, and the uniforms; the draft probabilities are None for the one-hot variant."""
+    """Inputs of verify_sampling in its order: drafts sampled from the draft, target
+    [B, S+1, V] fp32 probabilities, the uniforms, and draft [B, S, V] fp32 probabilities that
+    overlap the target as a decent draft model's do (shared logits plus noise), or None for the
+    one-hot variant."""
     def inputs(device: torch.device, gen: torch.Generator):
         shared = torch.randn((b, S + 1, v), generator=gen, device=device) * 2.0
         target = torch.softmax(shared, dim=-1)
@@ -40,12 +41,12 @@ def _distributions(b: int, v: int, with_draft: bool):
         draft = torch.softmax(shared[:, :S] + noise, dim=-1)
         ids = torch.multinomial(draft.reshape(-1, v), 1, generator=gen).reshape(b, S)
         uniform = torch.rand((b, S + 1), generator=gen, device=device)
-        return (draft if with_draft else None), ids, target, uniform
+        return ids, target, uniform, (draft if with_draft else None)
 
     return inputs
 
 
-def _flashinfer(device, gen, draft, ids, target, uniform):
+def _flashinfer(device, gen, ids, target, uniform, draft):
     """FlashInfer draws its own uniforms: its tokens differ from ours, by design."""
     gpu_only("flashinfer", device)
     fn = peer_import("flashinfer", "flashinfer.sampling", "chain_speculative_sampling")

@@ -4,8 +4,8 @@
 // through Python, so the kernels repeat the Python checks (glm45_ops/<family>.py, which are
 // authoritative) in the same order and must fail with the same ValueError text. Python formats
 // values its own way, so the py_* formatters print them as Python does: shapes and strides as
-// tuples "(8, 2)", dtypes as "torch.bfloat16", floats as repr() does. tests/quant/test_quant_cuda.py
-// and tests/gemm/test_gemm_cuda.py compare the two messages character for character.
+// tuples "(8, 2)", dtypes as "torch.bfloat16", floats as repr() does. tests/test_extension.py
+// (glm45_ops.testing.cuda_kernel_differs) compares the two messages character for character.
 #pragma once
 
 #include <algorithm>

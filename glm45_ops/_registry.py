@@ -245,7 +245,9 @@ class Op:
             raise TypeError(f"op {name}: triton_launch fills alloc's outputs: give alloc, and not triton_impl too")
         self.name = name
         self.qualname = f"{NAMESPACE}::{name}"
-        self.family = sys._getframe(1).f_globals.get("__name__", "").rpartition(".")[2]
+        # glm45_ops.<family> or a module of the package glm45_ops.<family>/
+        module = sys._getframe(1).f_globals.get("__name__", "").split(".")
+        self.family = module[1] if len(module) > 1 and module[0] == "glm45_ops" else module[-1]
         self.schema = schema
         self.args, self.num_returns = _parse(name, schema)
         self._positional = [a for a in self.args if not a.kwarg_only]

@@ -1,0 +1,90 @@
+"""``moe_align_block_size``: the device-side permutation the MoE GEMMs share (definition:
+:mod:`glm45_ops.reference.moe`)."""
+
+from __future__ import annotations
+
+import torch
+
+from glm45_ops._registry import ErrorInput, Op, Sample
+from glm45_ops.reference.moe import moe_align_block_size_ref, padded_size
+
+MAX_EXPERTS = 1024  # the Triton kernel holds one counter per expert in registers
+MAX_BLOCK_SIZE = 1024
+
+
+def _check_align(topk_ids, num_experts, block_size):
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if topk_ids.dim() != 2:
+        raise ValueError(f"topk_ids must be 2-D [T, k], got shape {tuple(topk_ids.shape)}")
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"num_experts must be in [1, {MAX_EXPERTS}], got {num_experts}")
+    if not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {block_size}")
+    if topk_ids.numel() >= 2**31 - num_experts * block_size:
+        raise ValueError(f"topk_ids has too many entries for int32 positions: {topk_ids.numel()}")
+
+
+def _alloc_align(topk_ids, num_experts, block_size):
+    p = padded_size(topk_ids.numel(), num_experts, block_size)
+    dev = topk_ids.device
+    return (torch.empty(p, dtype=torch.int32, device=dev), torch.empty(p // block_size, dtype=torch.int32, device=dev),
+            torch.empty(1, dtype=torch.int32, device=dev))
+
+
+def _align_launch(outs, topk_ids, num_experts, block_size):
+    from triton_ops import moe as tm
+
+    tm.moe_align_block_size(topk_ids.contiguous(), num_experts, block_size, *outs)
+
+
+def _align_samples(device, gen):
+    def ids(t, k, e, lo=0):
+        return torch.randint(lo, e, (t, k), generator=gen, dtype=torch.int32).to(device)
+
+    one_expert = torch.full((37, 8), 3, dtype=torch.int32, device=device)
+    return [
+        Sample((ids(7, 8, 160), 160, 16)),
+        Sample((ids(200, 8, 16).long(), 16, 64), note="int64 ids, many per expert"),
+        Sample((one_expert, 8, 16), note="all tokens on one expert"),
+        Sample((ids(9, 4, 12, lo=-3), 8, 4), note="ids outside [0, E) (remote experts) left out"),
+        Sample((ids(3, 2, 5), 5, 1)),
+        Sample((torch.empty(0, 8, dtype=torch.int32, device=device), 160, 16), tag="empty"),
+        Sample((ids(5, 8, 2**31 - 1, lo=-(2**31)), 160, 16), tag="nonfinite", note="arbitrary int32 ids"),
+    ]
+
+
+def _align_errors(device):
+    ids = torch.zeros(4, 8, dtype=torch.int32, device=device)
+    return [
+        ErrorInput((ids.float(), 8), match="topk_ids must be int32 or int64"),
+        ErrorInput((ids.view(-1), 8), match=r"topk_ids must be 2-D \[T, k\]"),
+        ErrorInput((ids, 0), match=r"num_experts must be in \[1, 1024\]"),
+        ErrorInput((ids, 2000), match=r"num_experts must be in \[1, 1024\]"),
+        ErrorInput((ids, 8, 0), match=r"block_size must be in \[1, 1024\]"),
+        ErrorInput((ids, 8.0), exc=TypeError, match="num_experts must be int", raw=False),
+    ]
+
+
+_align_op = Op(
+    "moe_align_block_size",
+    "(Tensor topk_ids, int num_experts, int block_size=64) -> (Tensor, Tensor, Tensor)",
+    check=_check_align,
+    alloc=_alloc_align,
+    torch_impl=moe_align_block_size_ref,
+    triton_launch=_align_launch,
+    samples=_align_samples,
+    errors=_align_errors,
+)
+
+moe_align_block_size = _align_op.api(
+    """Permute (token, slot) pairs into expert-contiguous segments padded to ``block_size``.
+
+    ``topk_ids`` int32/int64 ``[T, k]`` -> ``sorted_ids`` int32 ``[P]`` (flat pair indices
+    ``t*k + j``, ascending within each expert's segment, padding ``T*k``), ``block_expert`` int32
+    ``[P / block_size]`` (each block's expert, -1 past the used ones) and ``num_padded`` int32
+    ``[1]``, with ``P = T*k + E*(block_size-1)`` rounded up to ``block_size``: static shapes, no
+    host sync (CUDA-graph safe). Ids outside ``[0, num_experts)`` are left out (expert
+    parallelism). Definition: :func:`glm45_ops.reference.moe.moe_align_block_size_ref`.
+    """
+)

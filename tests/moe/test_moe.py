@@ -1,0 +1,130 @@
+"""MoE permutation and fused experts: the references against independent per-pair loops, the
+permutation's invariants, expert parallelism by dropping remote ids, and every backend on the
+token counts the issue names. The generic checks (opcheck, compile, bad input, empty, NaN) are the
+contract tests' (tables in glm45_ops/moe/permute.py and fused.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import device_backends
+from glm45_ops import moe
+from glm45_ops.reference.moe import fused_moe_ref, moe_align_block_size_ref, padded_size
+from glm45_ops.testing import assert_bit_equal, calc_diff, poisoned_outputs
+
+BACKENDS = device_backends()
+
+
+def align_oracle(ids: torch.Tensor, e: int, bs: int):
+    """The definition as a loop over experts and pairs."""
+    flat = ids.reshape(-1).tolist()
+    n = len(flat)
+    p = padded_size(n, e, bs)
+    sorted_ids, block_expert, pos = [n] * p, [-1] * (p // bs), 0
+    for ex in range(e):
+        mine = [i for i, v in enumerate(flat) if v == ex]
+        for r, i in enumerate(mine):
+            sorted_ids[pos + r] = i
+        blocks = -(-len(mine) // bs)
+        for b in range(blocks):
+            block_expert[pos // bs + b] = ex
+        pos += blocks * bs
+    return sorted_ids, block_expert, pos
+
+
+@pytest.mark.parametrize("t,k,e,bs", [(1, 8, 160, 16), (7, 8, 16, 4), (64, 2, 5, 16), (13, 3, 9, 1)])
+def test_align_reference_matches_the_loop(gen, t, k, e, bs):
+    ids = torch.randint(-2, e + 2, (t, k), generator=gen, dtype=torch.int32)
+    s, b, n = moe_align_block_size_ref(ids, e, bs)
+    want_s, want_b, want_n = align_oracle(ids, e, bs)
+    assert s.tolist() == want_s and b.tolist() == want_b and n.tolist() == [want_n]
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("t", [0, 1, 7, 64, 257])
+def test_align_every_backend(gen, device, backend, t):
+    ids = torch.randint(0, 160, (t, 8), generator=gen, dtype=torch.int32)
+    want = moe_align_block_size_ref(ids, 160, 16)
+    with poisoned_outputs():
+        got = moe.moe_align_block_size(ids.to(device), 160, 16, backend=backend)
+    for g, w, name in zip(got, want, ("sorted_ids", "block_expert", "num_padded")):
+        assert_bit_equal(g.cpu(), w, name)
+    # experts without tokens get no block: their weights are never read
+    assert set(got[1].cpu().tolist()) - {-1} == set(ids.flatten().tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_moe
+# ---------------------------------------------------------------------------------------------
+
+def moe_oracle(x, w13, w2, wts, ids):
+    """float64 per (token, slot) loop, h rounded into x's dtype as the definition says."""
+    t, h = x.shape
+    inter = w13.shape[1] // 2
+    out = torch.zeros(t, h, dtype=torch.float64)
+    for ti in range(t):
+        for j in range(ids.shape[1]):
+            e = int(ids[ti, j])
+            if not 0 <= e < w13.shape[0]:
+                continue
+            gu = w13[e].double() @ x[ti].double()
+            act = (F.silu(gu[:inter]) * gu[inter:]).to(x.dtype).double()
+            out[ti] += float(wts[ti, j]) * (w2[e].double() @ act)
+    return out
+
+
+def make(t, h, inter, e, k, dtype, gen):
+    x = (torch.randn(t, h, generator=gen) * 0.5).to(dtype)
+    w13 = (torch.randn(e, 2 * inter, h, generator=gen) * h**-0.5).to(dtype)
+    w2 = (torch.randn(e, h, inter, generator=gen) * inter**-0.5).to(dtype)
+    ids = torch.rand(t, e, generator=gen).topk(k, dim=1).indices.to(torch.int32)
+    return x, w13, w2, torch.rand(t, k, generator=gen), ids
+
+
+def test_reference_matches_float64_loop(gen):
+    x, w13, w2, wts, ids = make(9, 32, 48, 6, 3, torch.float32, gen)
+    ids[0, 1] = -1  # a remote expert
+    got = fused_moe_ref(x, w13, w2, wts, ids, None, None)
+    want = moe_oracle(x, w13, w2, wts, ids)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("t", [1, 7, 64, 257])
+@pytest.mark.parametrize("inter", [128, 192, 176])
+def test_fused_moe_every_backend(gen, device, backend, t, inter):
+    """T from the issue, I = 128 and the TP8 shard widths, against the float64 loop."""
+    x, w13, w2, wts, ids = make(t, 32, inter, 4, 2, torch.bfloat16, gen)
+    with poisoned_outputs():
+        got = moe.fused_moe(*(v.to(device) for v in (x, w13, w2, wts, ids)), backend=backend).cpu()
+    want = moe_oracle(x, w13, w2, wts, ids)
+    assert calc_diff(got, want) < 1e-4
+    assert (got.double() - want).abs().max() <= 2**-6 * want.abs().max()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_fp8_fused_moe_against_dequantized_math(gen, device, backend):
+    """FP8 blocks at I = 192 (scale blocks straddle the gate/up boundary): the dequantized
+    float64 math, DeepGEMM's FP8 threshold."""
+    from glm45_ops.quant import dequant_fp8, per_block_quant_fp8
+
+    x, w13, w2, wts, ids = make(11, 256, 192, 5, 2, torch.float32, gen)
+    (q13, s13), (q2, s2) = per_block_quant_fp8(w13), per_block_quant_fp8(w2)
+    xb = x.to(torch.bfloat16)
+    got = moe.fused_moe(*(v.to(device) for v in (xb, q13, q2, wts, ids, s13, s2)), backend=backend).cpu()
+    deq = [dequant_fp8(q, s, 128, 128, torch.float32) for q, s in ((q13, s13), (q2, s2))]
+    want = moe_oracle(xb.float(), deq[0], deq[1], wts, ids)
+    assert calc_diff(got, want) < 1e-3
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_expert_parallel_shards_sum_to_the_whole(gen, device, backend):
+    """Two ranks with half the experts each (ids shifted, remote ones out of range): their
+    outputs sum to the single-process result."""
+    x, w13, w2, wts, ids = make(10, 32, 64, 6, 3, torch.float32, gen)
+    whole = moe.fused_moe(x, w13, w2, wts, ids, backend="torch")
+    parts = [moe.fused_moe(*(v.to(device) for v in (x, w13[r * 3:(r + 1) * 3], w2[r * 3:(r + 1) * 3], wts, ids - 3 * r)),
+                           backend=backend).cpu() for r in range(2)]
+    torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,303 @@
+"""Triton MoE kernels: the device-side token permutation and the two grouped GEMMs of the fused
+expert MLP (definitions: glm45_ops/reference/moe.py).
+
+* ``_moe_align_kernel``: one program, three passes over the (token, slot) pairs: per-expert
+  counts (atomics: a sum, so order cannot change it), padded segment starts (a cumsum over the
+  experts in registers), then the scatter, chunk by chunk, each pair going to its segment's
+  running offset plus its rank among the chunk's pairs of the same expert. Ascending pair order
+  within each expert, as the definition says, whatever the hardware's atomic order.
+* ``_moe_gate_up_kernel``: per block of ``BLOCK_M`` permuted rows (one expert), gate and up tiles
+  of ``w13`` in the same program, ``h = silu(g) * u`` in the epilogue, stored in x's dtype, or
+  quantized 1 x 128 (FP8: one 128-wide tile is one scale group). A block whose expert is -1
+  (past the used segments) returns at once: experts without tokens cost nothing.
+* ``_moe_down_kernel``: ``h @ w2[e]^T`` times the routing weight, written to the pair's own row
+  of an fp32 ``[T*k, H]`` buffer that one ``sum`` over k combines.
+
+FP8 GEMMs promote per 128-wide K slice (``fp8_block_gemm``'s recipe), the last slice masked when
+K is not a multiple of 128 (GLM-4.5's TP8 width I = 192, Air's 176).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_ops import CompileSpec, interpreting
+from triton_ops._common import e4m3_bits, round_to_e4m3_grid, to_out_dtype
+
+ALIGN_CHUNK = 64  # pairs per scatter step: a [64, 64] rank comparison stays in registers
+QUANT_GROUP = 128
+
+
+@triton.jit
+def _moe_align_kernel(
+    ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, cursor_ptr,
+    n, E, P, num_blocks,
+    BLOCK_SIZE: tl.constexpr, E_P: tl.constexpr, CHUNK: tl.constexpr,
+):
+    lanes = tl.arange(0, CHUNK)
+    for p0 in range(0, P, CHUNK):
+        tl.store(sorted_ptr + p0 + lanes, n, mask=p0 + lanes < P)
+    for c0 in range(0, n, CHUNK):
+        e = tl.load(ids_ptr + c0 + lanes, mask=c0 + lanes < n, other=-1)
+        valid = (e >= 0) & (e < E) & (c0 + lanes < n)  # before narrowing: int64 ids may not fit int32
+        tl.atomic_add(cursor_ptr + e.to(tl.int32), 1, mask=valid)
+    tl.debug_barrier()
+    experts = tl.arange(0, E_P)
+    counts = tl.load(cursor_ptr + experts, mask=experts < E, other=0)
+    padded = (counts + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
+    start = tl.cumsum(padded, 0) - padded
+    total = tl.sum(padded, 0)
+    tl.store(num_padded_ptr, total)
+    end = tl.where(experts < E, start + padded, P + 1)
+    for b0 in range(0, num_blocks, CHUNK):
+        pos = (b0 + lanes) * BLOCK_SIZE
+        owner = tl.sum((end[None, :] <= pos[:, None]).to(tl.int32), 1)  # = searchsorted(end, pos, right)
+        tl.store(block_expert_ptr + b0 + lanes, tl.where(pos < total, owner, -1), mask=b0 + lanes < num_blocks)
+    tl.debug_barrier()
+    tl.store(cursor_ptr + experts, start, mask=experts < E)  # the running slot of each expert
+    tl.debug_barrier()
+    earlier = lanes[None, :] < lanes[:, None]
+    for c0 in range(0, n, CHUNK):
+        e = tl.load(ids_ptr + c0 + lanes, mask=c0 + lanes < n, other=-1)
+        valid = (e >= 0) & (e < E) & (c0 + lanes < n)
+        e = tl.where(valid, e, -1).to(tl.int32)
+        same = (e[:, None] == e[None, :]) & valid[None, :] & earlier
+        rank = tl.sum(same.to(tl.int32), 1)
+        base = tl.load(cursor_ptr + e, mask=valid, other=0)
+        tl.store(sorted_ptr + base + rank, c0 + lanes, mask=valid)
+        tl.debug_barrier()
+        tl.atomic_add(cursor_ptr + e, 1, mask=valid)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _quant_tile_e4m3(h, ROUND_ON_GRID: tl.constexpr):
+    """One 1 x 128 group per row of ``h`` (fp32, already on x's dtype grid): the reference
+    quantizer's scale (eps 1e-4, NaN -> NaN scale, inf left out of amax) and e4m3 bytes."""
+    ah = tl.abs(h)
+    key = tl.where(h != h, float("inf"), tl.where(ah == float("inf"), 0.0, ah))
+    amax = tl.max(key, 1)
+    scale = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
+    scale = tl.where(amax == float("inf"), float("nan"), scale)
+    q = tl.math.div_rn(h, scale[:, None])
+    y = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    if ROUND_ON_GRID:
+        y = round_to_e4m3_grid(y)
+    return e4m3_bits(tl.where(q != q, q, y), ROUND_ON_GRID), scale
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block_expert_ptr,
+    num_pairs, top_k, H, I,
+    stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsk,
+    stride_hm, stride_hsm, stride_hsk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP8: tl.constexpr, UPCAST: tl.constexpr, ROUND_ON_GRID: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e < 0:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)
+    valid = pair < num_pairs
+    token = (pair // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < I
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + e * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kmask = k0 + offs_k < H
+        a = tl.load(x_ptr + token[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+        wmask = kmask[:, None] & nmask[None, :]
+        wg = tl.load(w_rows + (k0 + offs_k)[:, None], mask=wmask, other=0.0)
+        wu = tl.load(w_rows + I * stride_wn + (k0 + offs_k)[:, None], mask=wmask, other=0.0)
+        if UPCAST:  # the interpreter's bf16 dot is wrong (KNOWLEDGE.md §2); fp8 and fp32 are right
+            a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+        if FP8:
+            a_s = tl.load(xs_ptr + token * stride_xsm + (k0 // BLOCK_K) * stride_xsk, mask=valid, other=0.0)
+            s_base = ws_ptr + e * stride_wse + (k0 // BLOCK_K) * stride_wsk
+            s_g = tl.load(s_base + (offs_n // BLOCK_K) * stride_wsn, mask=nmask, other=0.0)
+            s_u = tl.load(s_base + ((offs_n + I) // BLOCK_K) * stride_wsn, mask=nmask, other=0.0)
+            acc_g += tl.dot(a, wg, out_dtype=tl.float32) * a_s[:, None] * s_g[None, :]
+            acc_u += tl.dot(a, wu, out_dtype=tl.float32) * a_s[:, None] * s_u[None, :]
+        else:
+            acc_g += tl.dot(a, wg, out_dtype=tl.float32)
+            acc_u += tl.dot(a, wu, out_dtype=tl.float32)
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    out_rows = rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
+    omask = valid[:, None] & nmask[None, :]
+    if FP8:
+        # the definition rounds h into x's dtype (bf16) before quantizing it
+        hb = to_out_dtype(h, tl.bfloat16, ROUND_ON_GRID).to(tl.float32)
+        hb = tl.where(nmask[None, :], hb, 0.0)
+        q, scale = _quant_tile_e4m3(hb, ROUND_ON_GRID)
+        tl.store(h_ptr + out_rows, q, mask=omask)
+        tl.store(hs_ptr + rows.to(tl.int64) * stride_hsm + pid_n * stride_hsk, scale, mask=valid)
+    else:
+        tl.store(h_ptr + out_rows, to_out_dtype(h, h_ptr.dtype.element_ty, ROUND_ON_GRID), mask=omask)
+
+
+@triton.jit
+def _moe_down_kernel(
+    h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr,
+    num_pairs, H, I,
+    stride_hm, stride_hsm, stride_hsk, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsk, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP8: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e < 0:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)
+    valid = pair < num_pairs
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        kmask = k0 + offs_k < I
+        a = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hm + (k0 + offs_k)[None, :],
+                    mask=valid[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptr + e * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn + (k0 + offs_k)[:, None],
+                    mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        if FP8:
+            a_s = tl.load(hs_ptr + rows.to(tl.int64) * stride_hsm + (k0 // BLOCK_K) * stride_hsk, mask=valid, other=0.0)
+            b_s = tl.load(ws_ptr + e * stride_wse + (offs_n // BLOCK_K) * stride_wsn + (k0 // BLOCK_K) * stride_wsk,
+                          mask=nmask, other=0.0)
+            acc += tl.dot(a, b, out_dtype=tl.float32) * a_s[:, None] * b_s[None, :]
+        else:
+            acc += tl.dot(a, b, out_dtype=tl.float32)
+    weight = tl.load(topk_w_ptr + pair, mask=valid, other=0.0)
+    tl.store(y_ptr + pair.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc * weight[:, None],
+             mask=valid[:, None] & nmask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int, sorted_ids: torch.Tensor,
+                         block_expert: torch.Tensor, num_padded: torch.Tensor) -> None:
+    """Fill the three outputs of ``moe_align_block_size`` from ``topk_ids`` (contiguous)."""
+    cursor = torch.zeros(num_experts, dtype=torch.int32, device=topk_ids.device)
+    _moe_align_kernel[(1,)](
+        topk_ids, sorted_ids, block_expert, num_padded, cursor,
+        topk_ids.numel(), num_experts, sorted_ids.numel(), block_expert.numel(),
+        BLOCK_SIZE=block_size, E_P=triton.next_power_of_2(num_experts), CHUNK=ALIGN_CHUNK, num_warps=4,
+    )
+
+
+def gate_up_warps(fp8: bool) -> int:
+    """FP8 gate-up holds two 128-wide fp32 accumulators plus their per-slice partials: 8 warps
+    keep a 64-row block at no spills (4 warps: 255 registers and 116 bytes of spills)."""
+    return 8 if fp8 else 4
+
+
+def pick_block_m(num_pairs: int) -> int:
+    """Rows per GEMM block: 16 (wgmma's smallest M) for decode-sized batches, else 64."""
+    return 16 if num_pairs <= 512 else 64
+
+
+def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids, block_expert, top_k, block_m) -> torch.Tensor:
+    """The two grouped GEMMs over permuted rows -> fp32 ``[T*k, H]`` weighted expert outputs
+    (rows of pairs no local expert took stay 0). ``x``/``w`` e4m3 with scales for FP8, else bf16/fp16/fp32."""
+    t, h = x.shape
+    inter = w13.shape[1] // 2
+    n = topk_weights.numel()
+    fp8 = w13_scale is not None
+    rows = sorted_ids.numel()
+    interp = interpreting()
+    block_k = QUANT_GROUP if fp8 else (64 if not interp else triton.next_power_of_2(max(h, 16)))
+    block_n = QUANT_GROUP if fp8 else (64 if not interp else triton.next_power_of_2(max(inter, 16)))
+    dev = x.device
+    if fp8:
+        act = torch.empty((rows, inter), dtype=torch.uint8, device=dev)
+        act_s = torch.empty((rows, triton.cdiv(inter, QUANT_GROUP)), dtype=torch.float32, device=dev)
+    else:
+        act = torch.empty((rows, inter), dtype=x.dtype, device=dev)
+        act_s = act  # unused
+    dummy = x_scale if fp8 else x
+    upcast = interp and not fp8
+    grid1 = (block_expert.numel(), triton.cdiv(inter, block_n))
+    _moe_gate_up_kernel[grid1](
+        x, dummy, w13, w13_scale if fp8 else w13, act, act_s, sorted_ids, block_expert,
+        n, top_k, h, inter,
+        x.stride(0), dummy.stride(0), dummy.stride(-1), w13.stride(0), w13.stride(1),
+        *((w13_scale.stride(0), w13_scale.stride(1), w13_scale.stride(2)) if fp8 else (0, 0, 0)),
+        act.stride(0), act_s.stride(0), act_s.stride(-1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FP8=fp8, UPCAST=upcast, ROUND_ON_GRID=interp,
+        num_warps=gate_up_warps(fp8),
+    )
+    y = torch.zeros((n, h), dtype=torch.float32, device=dev)
+    block_k2 = QUANT_GROUP if fp8 else (64 if not interp else triton.next_power_of_2(max(inter, 16)))
+    block_n2 = 64 if not interp else triton.next_power_of_2(max(h, 16))
+    grid2 = (block_expert.numel(), triton.cdiv(h, block_n2))
+    _moe_down_kernel[grid2](
+        act.view(torch.float8_e4m3fn) if fp8 else act, act_s, w2, w2_scale if fp8 else w2, y, topk_weights,
+        sorted_ids, block_expert, n, h, inter,
+        act.stride(0), act_s.stride(0), act_s.stride(-1), w2.stride(0), w2.stride(1),
+        *((w2_scale.stride(0), w2_scale.stride(1), w2_scale.stride(2)) if fp8 else (0, 0, 0)), y.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n2, BLOCK_K=block_k2, FP8=fp8, UPCAST=upcast, num_warps=4,
+    )
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Default GPU configurations, for `glm45-bench compile-report` (format: triton_ops/__init__.py)
+# ---------------------------------------------------------------------------------------------
+
+def _gate_up_spec(fp8: bool, block_m: int) -> CompileSpec:
+    x_t = "*fp8e4nv" if fp8 else "*bf16"
+    sig = {"x_ptr": x_t, "xs_ptr": "*fp32", "w_ptr": x_t, "ws_ptr": "*fp32", "h_ptr": "*u8" if fp8 else "*bf16",
+           "hs_ptr": "*fp32", "sorted_ptr": "*i32", "block_expert_ptr": "*i32",
+           "num_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32",
+           **{s: "i32" for s in ("stride_xm", "stride_xsm", "stride_xsk", "stride_we", "stride_wn", "stride_wse",
+                                 "stride_wsn", "stride_wsk", "stride_hm", "stride_hsm", "stride_hsk")},
+           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "FP8": "constexpr",
+           "UPCAST": "constexpr", "ROUND_ON_GRID": "constexpr"}
+    bn, bk = (128, 128) if fp8 else (64, 64)
+    return CompileSpec(
+        label=f"{'fp8' if fp8 else 'bf16'} BLOCK_M={block_m}", kernel=_moe_gate_up_kernel, signature=sig,
+        constexprs={"BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "FP8": fp8, "UPCAST": False, "ROUND_ON_GRID": False},
+        options={"num_warps": gate_up_warps(fp8)}, aligned=("H", "I", "stride_xm", "stride_we", "stride_wn", "stride_hm"),
+    )
+
+
+def _down_spec(fp8: bool, block_m: int) -> CompileSpec:
+    a_t = "*fp8e4nv" if fp8 else "*bf16"
+    sig = {"h_ptr": a_t, "hs_ptr": "*fp32", "w_ptr": a_t, "ws_ptr": "*fp32", "y_ptr": "*fp32", "topk_w_ptr": "*fp32",
+           "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "num_pairs": "i32", "H": "i32", "I": "i32",
+           **{s: "i32" for s in ("stride_hm", "stride_hsm", "stride_hsk", "stride_we", "stride_wn", "stride_wse",
+                                 "stride_wsn", "stride_wsk", "stride_ym")},
+           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "FP8": "constexpr",
+           "UPCAST": "constexpr"}
+    return CompileSpec(
+        label=f"{'fp8' if fp8 else 'bf16'} BLOCK_M={block_m}", kernel=_moe_down_kernel, signature=sig,
+        constexprs={"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128 if fp8 else 64, "FP8": fp8, "UPCAST": False},
+        options={"num_warps": 4}, aligned=("H", "I", "stride_hm", "stride_we", "stride_wn", "stride_ym"),
+    )
+
+
+COMPILE_SPECS = [
+    CompileSpec(
+        label="E<=256", kernel=_moe_align_kernel,
+        signature={"ids_ptr": "*i32", "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32",
+                   "cursor_ptr": "*i32", "n": "i32", "E": "i32", "P": "i32", "num_blocks": "i32",
+                   "BLOCK_SIZE": "constexpr", "E_P": "constexpr", "CHUNK": "constexpr"},
+        constexprs={"BLOCK_SIZE": 64, "E_P": 256, "CHUNK": ALIGN_CHUNK}, options={"num_warps": 4},
+    ),
+    *(_gate_up_spec(fp8, bm) for fp8 in (False, True) for bm in (16, 64)),
+    *(_down_spec(fp8, bm) for fp8 in (False, True) for bm in (16, 64)),
+]

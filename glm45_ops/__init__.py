@@ -11,6 +11,7 @@ from glm45_ops import quant  # noqa: F401  (defines the glm45:: quant ops)
 from glm45_ops import gemm  # noqa: F401  (defines the glm45:: gemm ops)
 from glm45_ops import muon  # noqa: F401  (defines the glm45:: muon ops)
 from glm45_ops import speculative  # noqa: F401  (defines the glm45:: speculative ops)
+from glm45_ops import moe  # noqa: F401  (defines the glm45:: moe ops)
 from glm45_ops._extension import extension_error, extension_loaded
 from glm45_ops._info import info
 
@@ -23,6 +24,7 @@ __all__ = [
     "extension_loaded",
     "gemm",
     "info",
+    "moe",
     "muon",
     "quant",
     "registered_ops",

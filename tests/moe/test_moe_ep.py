@@ -1,0 +1,141 @@
+"""Expert parallelism (glm45_ops/moe/ep.py) under gloo in 2 and 4 processes: every rank's output
+against single-process ``fused_moe`` on all ranks' tokens with all experts (bit for bit when the
+group is one rank); uneven token counts (a rank with none), fp32 / bf16 / FP8 weights, subgroups,
+the Triton backend, determinism, and the checks that run before any communication."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from glm45_ops import moe
+from glm45_ops.moe import ep
+from glm45_ops.moe.fused import _fused_op
+from glm45_ops.testing import assert_bit_equal, one_thread
+
+TOKENS = {2: [9, 0], 4: [6, 0, 11, 3]}  # per rank: uneven, one rank without tokens
+DIST_TIMEOUT_S = 90
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The expected outputs are computed on one thread, as the workers compute theirs: CPU fp32
+    GEMMs block differently per thread count, and a one-rank group is compared bit for bit."""
+    with one_thread():
+        yield
+
+
+def make_case(gen, world, e, inter, dtype=torch.bfloat16, fp8=False, h=64, k=4, group_size=None, backend="torch"):
+    """GLM-like small shapes; a few ids are -1 (contribute nothing). ``want``, each rank's rows of
+    single-process ``fused_moe`` on its group's tokens, is computed here, once."""
+    from glm45_ops.quant import per_block_quant_fp8
+
+    g = group_size or world
+    w13 = torch.randn(e, 2 * inter, h, generator=gen) * h**-0.5
+    w2 = torch.randn(e, h, inter, generator=gen) * inter**-0.5
+    if fp8:
+        (w13, s13), (w2, s2) = per_block_quant_fp8(w13), per_block_quant_fp8(w2)
+    else:
+        w13, w2, s13, s2 = w13.to(dtype), w2.to(dtype), None, None
+    xs, wts, ids = [], [], []
+    for t in TOKENS[world]:
+        xs.append((torch.randn(t, h, generator=gen) * 0.5).to(dtype))
+        wts.append(torch.rand(t, k, generator=gen))
+        ids.append(torch.rand(t, e, generator=gen).topk(k, dim=1).indices.to(torch.int32))
+        ids[-1][::4, -1] = -1
+    want = []
+    for block in range(world // g):
+        ranks = range(block * g, (block + 1) * g)
+        whole = moe.fused_moe(torch.cat([xs[r] for r in ranks]), w13, w2, torch.cat([wts[r] for r in ranks]),
+                              torch.cat([ids[r] for r in ranks]), s13, s2, backend="torch")
+        want += whole.split([TOKENS[world][r] for r in ranks])
+    return dict(xs=xs, wts=wts, ids=ids, w13=w13, w2=w2, s13=s13, s2=s2, e=e, g=g, backend=backend,
+                want=want)
+
+
+def _run_case(rank, case, groups):
+    g = case["g"]
+    group = None if g == dist.get_world_size() else groups[g]
+    experts = ep.local_experts(case["e"], group)
+    assert experts == range(dist.get_rank(group) * len(experts), (dist.get_rank(group) + 1) * len(experts))
+    shard = slice(experts.start, experts.stop)
+    s13, s2 = (None if s is None else s[shard] for s in (case["s13"], case["s2"]))
+    args = (case["xs"][rank], case["w13"][shard], case["w2"][shard], case["wts"][rank], case["ids"][rank])
+    got = ep.ep_fused_moe(*args, case["e"], group, s13, s2, backend=case["backend"])
+    want = case["want"][rank]
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if g == 1:
+        # one rank: the same rows in the same order through fused_moe, then 0 + partial
+        assert_bit_equal(got, want)
+    elif want.dtype == torch.float32:
+        # the k slots' fp32 sum regrouped by rank: a few ulps of the largest term
+        torch.testing.assert_close(got, want)
+    else:
+        # plus one more rounding of each rank's partial into bf16: fused_moe's own table
+        why = _fused_op.compare(got, want, (*args, s13, s2))
+        assert why is None, why
+    again = ep.ep_fused_moe(*args, case["e"], group, s13, s2, backend=case["backend"])
+    assert_bit_equal(again, got)
+
+
+def _check_errors(rank, world, case):
+    """Raised before any communication (every rank gets the same error, so none waits)."""
+    x, wts, ids = case["xs"][rank], case["wts"][rank], case["ids"][rank]
+    w13, w2 = case["w13"], case["w2"]
+    per = case["e"] // world
+    with pytest.raises(ValueError, match=rf"num_experts \({case['e'] - 1}\) must be divisible by the group size \({world}\)"):
+        ep.ep_fused_moe(x, w13[:per], w2[:per], wts, ids, case["e"] - 1)
+    with pytest.raises(ValueError, match=rf"w13_local must hold this rank's {per} experts"):
+        ep.ep_fused_moe(x, w13[:per + 1], w2[:per + 1], wts, ids, case["e"])
+    with pytest.raises(ValueError, match="topk_weights must be float32"):
+        ep.ep_fused_moe(x, w13[:per], w2[:per], wts.double(), ids, case["e"])
+    with pytest.raises(ValueError, match="num_experts must be a positive int"):
+        ep.local_experts(0)
+
+
+def _worker(rank, world, init_file, cases):
+    torch.set_num_threads(1)  # tiny GEMMs; several processes share 2 cores
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        # every rank creates every subgroup, in the same order (torch.distributed's rule)
+        groups = {g: dist.new_subgroups(group_size=g)[0] for g in sorted({c["g"] for c in cases}) if g != world}
+        for case in cases:
+            _run_case(rank, case, groups)
+        _check_errors(rank, world, cases[0])
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world, tmp_path, cases):
+    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "init"), cases), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + DIST_TIMEOUT_S
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"expert parallelism with {world} processes did not finish in {DIST_TIMEOUT_S} s")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel_equals_single_process(gen, tmp_path, world):
+    """fp32 (E=8, I=32), bf16 (E=16, I=192: GLM-4.5's TP8 width), FP8 blocks (E=8, I=192), the
+    default group and subgroups (each rank alone; halves at 4), the Triton backend at 2."""
+    cases = [
+        make_case(gen, world, 8, 32, torch.float32),
+        make_case(gen, world, 16, 192),
+        make_case(gen, world, 8, 192, fp8=True),
+        make_case(gen, world, 8, 32, group_size=1),
+    ]
+    if world == 4:
+        cases.append(make_case(gen, world, 8, 32, group_size=2))
+    else:
+        cases.append(make_case(gen, world, 8, 32, backend="triton"))
+    _spawn(world, tmp_path, cases)

@@ -91,11 +91,12 @@ def _quant_tile_e4m3(h, ROUND_ON_GRID: tl.constexpr):
 @triton.jit
 def _moe_gate_up_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block_expert_ptr,
-    num_pairs, top_k, H, I,
+    num_pairs, top_k, H, I, i_offset,
     stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsk,
     stride_hm, stride_hsm, stride_hsk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    FP8: tl.constexpr, UPCAST: tl.constexpr, ROUND_ON_GRID: tl.constexpr,
+    FP8: tl.constexpr, ROW_SCALES: tl.constexpr, HAS_OFFSET: tl.constexpr, UPCAST: tl.constexpr,
+    ROUND_ON_GRID: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -106,8 +107,15 @@ def _moe_gate_up_kernel(
     pair = tl.load(sorted_ptr + rows)
     valid = pair < num_pairs
     token = (pair // top_k).to(tl.int64)
+    # Tiles along I start i_offset columns early (a tensor-parallel shard whose first column sits
+    # inside a 128-block), so each FP8 tile is one 1 x 128 group aligned with the w2 scale blocks.
+    # (HAS_OFFSET is a constexpr so the common, aligned case keeps its simple masks and registers)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < I
+    if HAS_OFFSET:
+        offs_n -= i_offset
+        nmask = (offs_n >= 0) & (offs_n < I)
+        offs_n = tl.where(nmask, offs_n, 0)
     offs_k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + e * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -123,15 +131,19 @@ def _moe_gate_up_kernel(
         if FP8:
             a_s = tl.load(xs_ptr + token * stride_xsm + (k0 // BLOCK_K) * stride_xsk, mask=valid, other=0.0)
             s_base = ws_ptr + e * stride_wse + (k0 // BLOCK_K) * stride_wsk
-            s_g = tl.load(s_base + (offs_n // BLOCK_K) * stride_wsn, mask=nmask, other=0.0)
-            s_u = tl.load(s_base + ((offs_n + I) // BLOCK_K) * stride_wsn, mask=nmask, other=0.0)
+            if ROW_SCALES:  # one scale per w13 row (a shard's scales, expanded from its blocks)
+                s_g = tl.load(s_base + offs_n * stride_wsn, mask=nmask, other=0.0)
+                s_u = tl.load(s_base + (offs_n + I) * stride_wsn, mask=nmask, other=0.0)
+            else:
+                s_g = tl.load(s_base + (offs_n // BLOCK_K) * stride_wsn, mask=nmask, other=0.0)
+                s_u = tl.load(s_base + ((offs_n + I) // BLOCK_K) * stride_wsn, mask=nmask, other=0.0)
             acc_g += tl.dot(a, wg, out_dtype=tl.float32) * a_s[:, None] * s_g[None, :]
             acc_u += tl.dot(a, wu, out_dtype=tl.float32) * a_s[:, None] * s_u[None, :]
         else:
             acc_g += tl.dot(a, wg, out_dtype=tl.float32)
             acc_u += tl.dot(a, wu, out_dtype=tl.float32)
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-    out_rows = rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
+    out_rows = rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]  # masked where offs_n was clamped
     omask = valid[:, None] & nmask[None, :]
     if FP8:
         # the definition rounds h into x's dtype (bf16) before quantizing it
@@ -147,10 +159,10 @@ def _moe_gate_up_kernel(
 @triton.jit
 def _moe_down_kernel(
     h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr,
-    num_pairs, H, I,
+    num_pairs, H, I, i_offset,
     stride_hm, stride_hsm, stride_hsk, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsk, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    FP8: tl.constexpr, UPCAST: tl.constexpr,
+    FP8: tl.constexpr, HAS_OFFSET: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -164,17 +176,27 @@ def _moe_down_kernel(
     nmask = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        kmask = k0 + offs_k < I
-        a = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hm + (k0 + offs_k)[None, :],
+    # K slices aligned to the w2 scale blocks: a shard starting i_offset columns into a block
+    # begins with a partial slice (one promotion per scale block, whatever the shard boundary)
+    k_first = 0
+    if HAS_OFFSET:
+        k_first = -i_offset
+    for k0 in range(k_first, I, BLOCK_K):
+        kk = k0 + offs_k
+        kmask = kk < I
+        if HAS_OFFSET:
+            kmask = (kk >= 0) & kmask
+            kk = tl.where(kmask, kk, 0)
+        a = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_hm + kk[None, :],
                     mask=valid[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_ptr + e * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn + (k0 + offs_k)[:, None],
+        b = tl.load(w_ptr + e * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn + kk[:, None],
                     mask=kmask[:, None] & nmask[None, :], other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         if FP8:
-            a_s = tl.load(hs_ptr + rows.to(tl.int64) * stride_hsm + (k0 // BLOCK_K) * stride_hsk, mask=valid, other=0.0)
-            b_s = tl.load(ws_ptr + e * stride_wse + (offs_n // BLOCK_K) * stride_wsn + (k0 // BLOCK_K) * stride_wsk,
+            slot = (k0 + i_offset) // BLOCK_K
+            a_s = tl.load(hs_ptr + rows.to(tl.int64) * stride_hsm + slot * stride_hsk, mask=valid, other=0.0)
+            b_s = tl.load(ws_ptr + e * stride_wse + (offs_n // BLOCK_K) * stride_wsn + slot * stride_wsk,
                           mask=nmask, other=0.0)
             acc += tl.dot(a, b, out_dtype=tl.float32) * a_s[:, None] * b_s[None, :]
         else:
@@ -205,12 +227,19 @@ def gate_up_warps(fp8: bool) -> int:
     return 8 if fp8 else 4
 
 
+def row_scales(w13: torch.Tensor, w13_scale: torch.Tensor) -> bool:
+    """Whether ``w13_scale`` holds one scale per row ``[E, 2I, ceil(H/128)]`` (a tensor-parallel
+    shard's, see glm45_ops.moe.shard) rather than one per 128 x 128 block."""
+    return w13_scale.shape[1] == w13.shape[1] != triton.cdiv(w13.shape[1], QUANT_GROUP)
+
+
 def pick_block_m(num_pairs: int) -> int:
     """Rows per GEMM block: 16 (wgmma's smallest M) for decode-sized batches, else 64."""
     return 16 if num_pairs <= 512 else 64
 
 
-def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids, block_expert, top_k, block_m) -> torch.Tensor:
+def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids, block_expert, top_k, block_m,
+              i_offset: int = 0) -> torch.Tensor:
     """The two grouped GEMMs over permuted rows -> fp32 ``[T*k, H]`` weighted expert outputs
     (rows of pairs no local expert took stay 0). ``x``/``w`` e4m3 with scales for FP8, else bf16/fp16/fp32."""
     t, h = x.shape
@@ -224,21 +253,21 @@ def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids
     dev = x.device
     if fp8:
         act = torch.empty((rows, inter), dtype=torch.uint8, device=dev)
-        act_s = torch.empty((rows, triton.cdiv(inter, QUANT_GROUP)), dtype=torch.float32, device=dev)
+        act_s = torch.empty((rows, triton.cdiv(inter + i_offset, QUANT_GROUP)), dtype=torch.float32, device=dev)
     else:
         act = torch.empty((rows, inter), dtype=x.dtype, device=dev)
         act_s = act  # unused
     dummy = x_scale if fp8 else x
     upcast = interp and not fp8
-    grid1 = (block_expert.numel(), triton.cdiv(inter, block_n))
+    grid1 = (block_expert.numel(), triton.cdiv(inter + i_offset, block_n))
     _moe_gate_up_kernel[grid1](
         x, dummy, w13, w13_scale if fp8 else w13, act, act_s, sorted_ids, block_expert,
-        n, top_k, h, inter,
+        n, top_k, h, inter, i_offset,
         x.stride(0), dummy.stride(0), dummy.stride(-1), w13.stride(0), w13.stride(1),
         *((w13_scale.stride(0), w13_scale.stride(1), w13_scale.stride(2)) if fp8 else (0, 0, 0)),
         act.stride(0), act_s.stride(0), act_s.stride(-1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FP8=fp8, UPCAST=upcast, ROUND_ON_GRID=interp,
-        num_warps=gate_up_warps(fp8),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FP8=fp8, ROW_SCALES=fp8 and row_scales(w13, w13_scale),
+        HAS_OFFSET=i_offset != 0, UPCAST=upcast, ROUND_ON_GRID=interp, num_warps=gate_up_warps(fp8),
     )
     y = torch.zeros((n, h), dtype=torch.float32, device=dev)
     block_k2 = QUANT_GROUP if fp8 else (64 if not interp else triton.next_power_of_2(max(inter, 16)))
@@ -246,10 +275,11 @@ def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids
     grid2 = (block_expert.numel(), triton.cdiv(h, block_n2))
     _moe_down_kernel[grid2](
         act.view(torch.float8_e4m3fn) if fp8 else act, act_s, w2, w2_scale if fp8 else w2, y, topk_weights,
-        sorted_ids, block_expert, n, h, inter,
+        sorted_ids, block_expert, n, h, inter, i_offset,
         act.stride(0), act_s.stride(0), act_s.stride(-1), w2.stride(0), w2.stride(1),
         *((w2_scale.stride(0), w2_scale.stride(1), w2_scale.stride(2)) if fp8 else (0, 0, 0)), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n2, BLOCK_K=block_k2, FP8=fp8, UPCAST=upcast, num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=block_n2, BLOCK_K=block_k2, FP8=fp8, HAS_OFFSET=i_offset != 0, UPCAST=upcast,
+        num_warps=4,
     )
     return y
 
@@ -262,15 +292,16 @@ def _gate_up_spec(fp8: bool, block_m: int) -> CompileSpec:
     x_t = "*fp8e4nv" if fp8 else "*bf16"
     sig = {"x_ptr": x_t, "xs_ptr": "*fp32", "w_ptr": x_t, "ws_ptr": "*fp32", "h_ptr": "*u8" if fp8 else "*bf16",
            "hs_ptr": "*fp32", "sorted_ptr": "*i32", "block_expert_ptr": "*i32",
-           "num_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32",
+           "num_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32", "i_offset": "i32",
            **{s: "i32" for s in ("stride_xm", "stride_xsm", "stride_xsk", "stride_we", "stride_wn", "stride_wse",
                                  "stride_wsn", "stride_wsk", "stride_hm", "stride_hsm", "stride_hsk")},
            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "FP8": "constexpr",
-           "UPCAST": "constexpr", "ROUND_ON_GRID": "constexpr"}
+           "ROW_SCALES": "constexpr", "HAS_OFFSET": "constexpr", "UPCAST": "constexpr", "ROUND_ON_GRID": "constexpr"}
     bn, bk = (128, 128) if fp8 else (64, 64)
     return CompileSpec(
         label=f"{'fp8' if fp8 else 'bf16'} BLOCK_M={block_m}", kernel=_moe_gate_up_kernel, signature=sig,
-        constexprs={"BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "FP8": fp8, "UPCAST": False, "ROUND_ON_GRID": False},
+        constexprs={"BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "FP8": fp8, "ROW_SCALES": False,
+                    "HAS_OFFSET": False, "UPCAST": False, "ROUND_ON_GRID": False},
         options={"num_warps": gate_up_warps(fp8)}, aligned=("H", "I", "stride_xm", "stride_we", "stride_wn", "stride_hm"),
     )
 
@@ -278,14 +309,15 @@ def _gate_up_spec(fp8: bool, block_m: int) -> CompileSpec:
 def _down_spec(fp8: bool, block_m: int) -> CompileSpec:
     a_t = "*fp8e4nv" if fp8 else "*bf16"
     sig = {"h_ptr": a_t, "hs_ptr": "*fp32", "w_ptr": a_t, "ws_ptr": "*fp32", "y_ptr": "*fp32", "topk_w_ptr": "*fp32",
-           "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "num_pairs": "i32", "H": "i32", "I": "i32",
+           "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "num_pairs": "i32", "H": "i32", "I": "i32", "i_offset": "i32",
            **{s: "i32" for s in ("stride_hm", "stride_hsm", "stride_hsk", "stride_we", "stride_wn", "stride_wse",
                                  "stride_wsn", "stride_wsk", "stride_ym")},
            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "FP8": "constexpr",
-           "UPCAST": "constexpr"}
+           "HAS_OFFSET": "constexpr", "UPCAST": "constexpr"}
     return CompileSpec(
         label=f"{'fp8' if fp8 else 'bf16'} BLOCK_M={block_m}", kernel=_moe_down_kernel, signature=sig,
-        constexprs={"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128 if fp8 else 64, "FP8": fp8, "UPCAST": False},
+        constexprs={"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128 if fp8 else 64, "FP8": fp8, "HAS_OFFSET": False,
+                    "UPCAST": False},
         options={"num_warps": 4}, aligned=("H", "I", "stride_hm", "stride_we", "stride_wn", "stride_ym"),
     )
 

@@ -31,7 +31,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale):
+def _check_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offset):
     if x.dtype not in _ACT_DTYPES:
         raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
     if x.dim() != 2:
@@ -51,13 +51,19 @@ def _check_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale):
         raise ValueError("FP8 weights (float8_e4m3fn w13 and w2) come with w13_scale and w2_scale, "
                          f"BF16 weights without: got w13 {w13.dtype}, w2 {w2.dtype}, "
                          f"scales {'given' if w13_scale is not None else 'None'}/{'given' if w2_scale is not None else 'None'}")
+    if not 0 <= i_offset < QUANT_GROUP or (i_offset and not fp8):
+        raise ValueError(f"i_offset must be in [0, {QUANT_GROUP}) and only with FP8 weights, got {i_offset}")
     if fp8:
         if x.dtype != torch.bfloat16:
             raise ValueError(f"x must be bfloat16 with FP8 weights, got {x.dtype}")
-        for name, s, want in (("w13_scale", w13_scale, (e, _cdiv(two_i, QUANT_GROUP), _cdiv(h, QUANT_GROUP))),
-                              ("w2_scale", w2_scale, (e, _cdiv(h, QUANT_GROUP), _cdiv(inter, QUANT_GROUP)))):
-            if s.dtype != torch.float32 or tuple(s.shape) != want:
-                raise ValueError(f"{name} must be float32 of shape {want}, got {s.dtype} {tuple(s.shape)}")
+        hb = _cdiv(h, QUANT_GROUP)
+        w13_shapes = [(e, two_i, hb)] + ([(e, _cdiv(two_i, QUANT_GROUP), hb)] if i_offset == 0 else [])
+        if w13_scale.dtype != torch.float32 or tuple(w13_scale.shape) not in w13_shapes:
+            raise ValueError(f"w13_scale must be float32 of shape {' or '.join(map(str, w13_shapes[::-1]))} "
+                             f"(blocks, or one scale per row), got {w13_scale.dtype} {tuple(w13_scale.shape)}")
+        want = (e, hb, _cdiv(inter + i_offset, QUANT_GROUP))
+        if w2_scale.dtype != torch.float32 or tuple(w2_scale.shape) != want:
+            raise ValueError(f"w2_scale must be float32 of shape {want}, got {w2_scale.dtype} {tuple(w2_scale.shape)}")
     elif w13.dtype != x.dtype or w2.dtype != x.dtype:
         raise ValueError(f"w13 and w2 must have x's dtype {x.dtype} (or be float8_e4m3fn), got {w13.dtype} and {w2.dtype}")
     for name, w in (("w13", w13), ("w2", w2)):
@@ -77,16 +83,16 @@ def _check_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale):
         raise ValueError(f"all tensors must be on one device, got {devices}")
 
 
-def _alloc_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale):
+def _alloc_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offset):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _fused_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale):
+def _fused_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offset):
     from glm45_ops.moe.permute import moe_align_block_size
     from glm45_ops.quant import per_token_group_quant_fp8
     from triton_ops import moe as tm
 
-    out = _alloc_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    out = _alloc_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offset)
     t, h = x.shape
     if out.numel() == 0:
         return out
@@ -98,7 +104,7 @@ def _fused_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale):
     else:
         a, a_scale = x, None
     y = tm.fused_moe(a, a_scale, w13, w13_scale, w2, w2_scale, topk_weights.contiguous(), sorted_ids, block_expert,
-                     k, block_m)
+                     k, block_m, i_offset)
     return out.copy_(y.view(t, k, h).sum(1))
 
 
@@ -158,13 +164,14 @@ def _fused_errors(device):
         ErrorInput((x, w13, w2, wts, ids[:2]), match=r"topk_ids must be int32/int64 \[T=3, k\]"),
         ErrorInput((x, w13, w2, wts, ids, None, torch.ones(1)), match="FP8 weights"),
         ErrorInput((x, w13, w2, wts, [0, 1]), exc=TypeError, match="topk_ids must be torch.Tensor", raw=False),
+        ErrorInput((x, w13, w2, wts, ids, None, None, 64), match=r"i_offset must be in \[0, 128\) and only with FP8"),
     ]
 
 
 _fused_op = Op(
     "fused_moe",
     "(Tensor x, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, Tensor? w13_scale=None, "
-    "Tensor? w2_scale=None) -> Tensor",
+    "Tensor? w2_scale=None, int i_offset=0) -> Tensor",
     check=_check_fused,
     alloc=_alloc_fused,
     torch_impl=fused_moe_ref,
@@ -183,7 +190,9 @@ fused_moe = _fused_op.api(
     ``[E, ceil(2I/128), ceil(H/128)]`` and ``w2_scale`` ``[E, ceil(H/128), ceil(I/128)]`` (then x
     is bf16 and is quantized 1 x 128 on the fly, as is the intermediate); ``topk_weights`` fp32
     and ``topk_ids`` int32/int64 ``[T, k]`` (ids outside ``[0, E)`` contribute nothing: expert
-    parallelism) -> ``[T, H]`` in x's dtype. H and I are multiples of 16. Definition and
-    numerics: :mod:`glm45_ops.reference.moe`.
+    parallelism) -> ``[T, H]`` in x's dtype. H and I are multiples of 16. ``i_offset`` and
+    one-scale-per-row ``w13_scale`` serve tensor-parallel shards of block-FP8 checkpoints
+    (:func:`glm45_ops.moe.shard.shard_fp8_experts`). Definition and numerics:
+    :mod:`glm45_ops.reference.moe`.
     """
 )

@@ -29,7 +29,15 @@ with ``e = topk_ids[t, j]``; ids outside ``[0, E)`` contribute nothing (expert p
 FP8 (``w13_scale``/``w2_scale`` given): weights are e4m3 in 128 x 128 blocks (scale grids
 ``[E, ceil(2I/128), ceil(H/128)]`` and ``[E, ceil(H/128), ceil(I/128)]``), ``x`` and ``h`` are
 quantized 1 x 128 per token with ``per_token_group_quant_fp8`` (eps 1e-4), and the GEMMs are the
-dequantized products (``fp8_block_gemm``'s definition). Kernels sum in other orders: they agree
+dequantized products (``fp8_block_gemm``'s definition).
+
+Tensor-parallel shards of block-FP8 experts (``glm45_ops.moe.shard``) keep the checkpoint's
+scales, whose blocks need not start at the shard's first intermediate column: ``w13_scale`` may
+then hold one scale per row, ``[E, 2I, ceil(H/128)]``, and ``i_offset`` (0..127) says how far into
+its 128-block the shard's first column sits. ``w2_scale`` is ``[E, ceil(H/128),
+ceil((I + i_offset)/128)]``: the blocks the shard's columns fall in, and ``h`` is quantized in
+1 x 128 groups aligned with them (the first group holds ``128 - i_offset`` columns), i.e. as if
+``i_offset`` zero columns preceded it. Kernels sum in other orders: they agree
 within fp32 accumulation error plus one rounding of ``h`` (see ``glm45_ops.moe.fused``).
 NaN in ``x``, a weight or a used weight/scale reaches the rows it touches; an empty ``x`` gives
 an empty output.
@@ -81,18 +89,31 @@ def moe_align_block_size_ref(
     return sorted_ids, block_expert, num_padded
 
 
-def _expert_weight(w: torch.Tensor, scale: torch.Tensor | None, e: int) -> torch.Tensor:
+def _shift(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """``offset`` zero columns in front of ``t`` (aligns a shard's columns with its scale blocks)."""
+    return torch.nn.functional.pad(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t, (offset, 0)).view(t.dtype)
+
+
+def _w13(w13: torch.Tensor, scale: torch.Tensor | None, e: int) -> torch.Tensor:
     if scale is None:
-        return w[e].float()
-    return dequant_fp8_ref(w[e], scale[e], QUANT_GROUP, QUANT_GROUP, torch.float32)
+        return w13[e].float()
+    rows = 1 if scale.shape[1] == w13.shape[1] != -(-w13.shape[1] // QUANT_GROUP) else QUANT_GROUP
+    return dequant_fp8_ref(w13[e], scale[e], rows, QUANT_GROUP, torch.float32)
 
 
-def _activation(x: torch.Tensor, fp8: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """What the GEMM reads: ``x`` itself (BF16 path), or its 1 x 128 FP8 quantization, dequantized."""
+def _w2(w2: torch.Tensor, scale: torch.Tensor | None, e: int, i_offset: int) -> torch.Tensor:
+    if scale is None:
+        return w2[e].float()
+    return dequant_fp8_ref(_shift(w2[e], i_offset), scale[e], QUANT_GROUP, QUANT_GROUP, torch.float32)[:, i_offset:]
+
+
+def _activation(x: torch.Tensor, fp8: bool, offset: int = 0) -> torch.Tensor:
+    """What the GEMM reads: ``x`` itself (BF16 path), or its 1 x 128 FP8 quantization (groups
+    aligned ``offset`` columns early), dequantized."""
     if not fp8:
         return x.float()
-    q, s = per_token_group_quant_fp8_ref(x, QUANT_GROUP, 1e-4, False)
-    return dequant_fp8_ref(q, s, 1, QUANT_GROUP, torch.float32)
+    q, s = per_token_group_quant_fp8_ref(_shift(x, offset), QUANT_GROUP, 1e-4, False)
+    return dequant_fp8_ref(q, s, 1, QUANT_GROUP, torch.float32)[:, offset:]
 
 
 def fused_moe_ref(
@@ -103,6 +124,7 @@ def fused_moe_ref(
     topk_ids: torch.Tensor,
     w13_scale: torch.Tensor | None,
     w2_scale: torch.Tensor | None,
+    i_offset: int,
 ) -> torch.Tensor:
     """``x`` ``[T, H]``, ``w13`` ``[E, 2I, H]``, ``w2`` ``[E, H, I]``, ``topk_weights`` fp32
     ``[T, k]``, ``topk_ids`` int ``[T, k]`` -> ``[T, H]`` in x's dtype: a loop over the experts
@@ -112,15 +134,15 @@ def fused_moe_ref(
     e_count, two_i, _ = w13.shape
     inter = two_i // 2
     fp8 = w13_scale is not None
-    a = _activation(x, fp8, x.dtype)
+    a = _activation(x, fp8)
     y = torch.zeros((t, k, h), dtype=torch.float32, device=x.device)
     for e in torch.unique(topk_ids).tolist():  # the reference may sync: it is the definition
         if not 0 <= e < e_count:
             continue
         rows, slots = (topk_ids == e).nonzero(as_tuple=True)
-        gu = a[rows] @ _expert_weight(w13, w13_scale, e).t()
+        gu = a[rows] @ _w13(w13, w13_scale, e).t()
         act = (F.silu(gu[:, :inter]) * gu[:, inter:]).to(x.dtype)
-        y[rows, slots] = _activation(act, fp8, x.dtype) @ _expert_weight(w2, w2_scale, e).t()
+        y[rows, slots] = _activation(act, fp8, i_offset) @ _w2(w2, w2_scale, e, i_offset).t()
     out = torch.zeros((t, h), dtype=torch.float32, device=x.device)
     for j in range(k):  # fixed order: the definition's sum
         out += topk_weights[:, j : j + 1].float() * y[:, j]

@@ -9,12 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import glm45_ops
 from conftest import device_backends
 from glm45_ops import moe
 from glm45_ops.reference.moe import fused_moe_ref, moe_align_block_size_ref, padded_size
-from glm45_ops.testing import assert_bit_equal, calc_diff, poisoned_outputs
+from glm45_ops.testing import assert_bit_equal, calc_diff, outputs_differ, poisoned_outputs
 
 BACKENDS = device_backends()
+
+
+def _to(v, device):
+    return v.to(device) if isinstance(v, torch.Tensor) else v
 
 
 def align_oracle(ids: torch.Tensor, e: int, bs: int):
@@ -86,7 +91,7 @@ def make(t, h, inter, e, k, dtype, gen):
 def test_reference_matches_float64_loop(gen):
     x, w13, w2, wts, ids = make(9, 32, 48, 6, 3, torch.float32, gen)
     ids[0, 1] = -1  # a remote expert
-    got = fused_moe_ref(x, w13, w2, wts, ids, None, None)
+    got = fused_moe_ref(x, w13, w2, wts, ids, None, None, 0)
     want = moe_oracle(x, w13, w2, wts, ids)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
@@ -128,3 +133,51 @@ def test_expert_parallel_shards_sum_to_the_whole(gen, device, backend):
     parts = [moe.fused_moe(*(v.to(device) for v in (x, w13[r * 3:(r + 1) * 3], w2[r * 3:(r + 1) * 3], wts, ids - 3 * r)),
                            backend=backend).cpu() for r in range(2)]
     torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor-parallel shards of block-FP8 experts
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("inter,tp", [(384, 2), (352, 2), (1536, 8)], ids=["I=192 per rank", "I=176 per rank", "GLM-4.5 TP8"])
+def test_tp_shards_keep_the_checkpoint_and_sum_to_the_layer(gen, device, backend, inter, tp):
+    """Shard boundaries inside scale blocks: each shard dequantizes to exactly its slice of the
+    dequantized checkpoint (no requantization), and the ranks' outputs sum to the float64 math
+    of the whole layer within DeepGEMM's FP8 threshold."""
+    from glm45_ops.moe.shard import shard_fp8_experts
+    from glm45_ops.quant import dequant_fp8, per_block_quant_fp8
+    from glm45_ops.reference.moe import _w2, _w13
+
+    h, e, k, t = 128, 3, 2, 5
+    x, w13, w2, wts, ids = make(t, h, inter, e, k, torch.float32, gen)
+    # scale blocks three decades apart, so a column paired with a neighbouring block's scale shows
+    w13 = w13 * torch.logspace(-1.5, 1.5, 2 * inter)[torch.randperm(2 * inter, generator=gen)][:, None]
+    w2 = w2 * torch.logspace(-1.5, 1.5, inter)[torch.randperm(inter, generator=gen)]
+    (q13, s13), (q2, s2) = per_block_quant_fp8(w13), per_block_quant_fp8(w2)
+    full13, full2 = dequant_fp8(q13, s13, 128, 128, torch.float32), dequant_fp8(q2, s2, 128, 128, torch.float32)
+    width = inter // tp
+    total = torch.zeros(t, h, dtype=torch.float64)
+    xb = x.to(torch.bfloat16)
+    for rank in range(tp):
+        sh = shard_fp8_experts(q13, s13, q2, s2, tp, rank)
+        cols = slice(rank * width, (rank + 1) * width)
+        for ex in range(e):
+            want13 = torch.cat([full13[ex, cols], full13[ex, inter:][cols]])
+            assert_bit_equal(_w13(sh.w13, sh.w13_scale, ex), want13, f"w13 rank {rank}")
+            assert_bit_equal(_w2(sh.w2, sh.w2_scale, ex, sh.i_offset), full2[ex, :, cols], f"w2 rank {rank}")
+        args = (xb, sh.w13, sh.w2, wts, ids, sh.w13_scale, sh.w2_scale, sh.i_offset)
+        out = moe.fused_moe(*(_to(v, device) for v in args), backend=backend).cpu()
+        # the backend against the reference on this very shard (scales paired with the wrong
+        # block for a shard starting mid-block give ~6e-3 here)
+        op = glm45_ops.registered_ops()["fused_moe"]
+        why = outputs_differ(out, moe.fused_moe(*args, backend="torch"), op, args)
+        assert why is None, f"rank {rank}: {why}"
+        total += out.double()
+    # the float64 math on the dequantized checkpoint and activations; what remains is each
+    # rank's 1 x 128 quantization of its own slice of the intermediate
+    from glm45_ops.quant import per_token_group_quant_fp8
+
+    xq = dequant_fp8(*per_token_group_quant_fp8(xb), out_dtype=torch.float32).to(torch.bfloat16)
+    want = moe_oracle(xq, full13, full2, wts, ids)
+    assert calc_diff(total, want) < 1e-3

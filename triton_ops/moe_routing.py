@@ -46,7 +46,7 @@ def _argmax_lowest(key, idx, N: tl.constexpr):
 @triton.jit
 def _moe_route_kernel(
     logits_ptr, bias_ptr, w_ptr, ids_ptr,
-    T, E, l_st, l_se, top_k, n_group, topk_group, factor,
+    T, E, l_st, l_se, b_se, top_k, n_group, topk_group, factor,
     HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
@@ -58,7 +58,7 @@ def _moe_route_kernel(
     x = x.to(tl.float64)
     s = tl.where(tl.abs(x) < 0.000244140625, 0.5 + 0.25 * x, 1.0 / (1.0 + tl.exp(-x))).to(tl.float32)  # |x| < 2^-12
     if HAS_BIAS:
-        b = s + tl.load(bias_ptr + e, mask=e < E, other=0.0)[None, :]
+        b = s + tl.load(bias_ptr + e * b_se, mask=e < E, other=0.0)[None, :]
     else:
         b = s
     key = tl.where(valid, _order_key(b), _EXCLUDED)
@@ -135,7 +135,8 @@ def moe_route(
     has_bias = bias is not None
     _moe_route_kernel[(triton.cdiv(t, block_t),)](
         logits, bias if has_bias else logits, weights, ids,
-        t, e, logits.stride(0), logits.stride(1), top_k, n_group, topk_group, factor,
+        t, e, logits.stride(0), logits.stride(1), bias.stride(0) if has_bias else 0,
+        top_k, n_group, topk_group, factor,
         HAS_BIAS=has_bias, RENORMALIZE=renormalize,
         BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
         BLOCK_G=triton.next_power_of_2(n_group), num_warps=_num_warps(triton.next_power_of_2(e)),
@@ -147,10 +148,11 @@ def _spec(label: str, dtype: str, e: int, top_k: int, n_group: int, has_bias: bo
         label=label,
         kernel=_moe_route_kernel,
         signature={"logits_ptr": f"*{dtype}", "bias_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i32",
-                   "T": "i32", "E": "i32", "l_st": "i32", "l_se": "constexpr", "top_k": "i32", "n_group": "i32",
-                   "topk_group": "i32", "factor": "fp32", "HAS_BIAS": "constexpr", "RENORMALIZE": "constexpr",
+                   "T": "i32", "E": "i32", "l_st": "i32", "l_se": "constexpr", "b_se": "constexpr",
+                   "top_k": "i32", "n_group": "i32", "topk_group": "i32", "factor": "fp32",
+                   "HAS_BIAS": "constexpr", "RENORMALIZE": "constexpr",
                    "BLOCK_T": "constexpr", "BLOCK_E": "constexpr", "BLOCK_K": "constexpr", "BLOCK_G": "constexpr"},
-        constexprs={"l_se": 1, "HAS_BIAS": has_bias, "RENORMALIZE": True, "BLOCK_T": 4,
+        constexprs={"l_se": 1, "b_se": 1, "HAS_BIAS": has_bias, "RENORMALIZE": True, "BLOCK_T": 4,
                     "BLOCK_E": triton.next_power_of_2(e), "BLOCK_K": triton.next_power_of_2(top_k),
                     "BLOCK_G": triton.next_power_of_2(n_group)},
         options={"num_warps": _num_warps(triton.next_power_of_2(e))},

@@ -274,7 +274,7 @@ def test_matches_transformers_glm4moe(gen, groups):
         n_group=groups[0], topk_group=groups[1], norm_topk_prob=True, routed_scaling_factor=2.5)
     hf = Glm4MoeMoE(hf_cfg).float()
     with torch.no_grad():
-        for name, p in hf.named_parameters():
+        for p in hf.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
         hf.gate.e_score_correction_bias.copy_(torch.randn(16, generator=gen) * 0.3)
     x = torch.randn(2, 5, 64, generator=gen)

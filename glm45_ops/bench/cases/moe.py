@@ -6,6 +6,15 @@
   ``bytes_moved`` is the logits and the bias read once and the fp32 weights and int32 ids
   written once. Every backend must match the torch reference bit for bit. Peer: ``torch.compile``
   of the reference at the prefill T.
+* ``fused_moe``: the routed experts of one layer at TP1 (all ``E`` experts, ``I`` wide), TP8
+  (``I/8``: 192 for GLM-4.5, the width vLLM's block-FP8 path refuses) and EP8 (``E/8`` local
+  experts, full ``I``; the routing spreads over all ``E``, so a rank gets ``k/8`` of each token's
+  slots on average), BF16 and FP8 blocks, for every ``T``. FLOPs count the pairs a rank computes
+  (``6 H I`` each); ``bytes_moved`` counts the weights of the experts the routing is expected to hit
+  (``E (1 - (1 - k/E)^T)`` of them) plus activations: decode is weight-bound (target >= 70% of
+  HBM bandwidth), prefill FP8-compute-bound (target >= 1000 TFLOP/s and 1.3x the peer). Peer:
+  ``torch._grouped_mm`` in BF16 over the same routing (sort, two grouped GEMMs, SwiGLU, weighted
+  scatter), on a GPU.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import functools
 import torch
 
 from glm45_ops import moe
-from glm45_ops.bench.case import BenchContext, Case, compile_peer, op_runner, randn, smoke
+from glm45_ops.bench.case import BenchContext, Case, Skip, compile_peer, gpu_only, op_runner, randn, smoke
 from glm45_ops.config import ModelConfig
 from glm45_ops.reference import moe_routing as ref
 
@@ -55,5 +64,78 @@ def _route_case(cfg: ModelConfig, t: int, headline: bool) -> Case:
     )
 
 
+def _layouts(cfg: ModelConfig) -> list[tuple[str, int, int]]:
+    """``(name, local experts, intermediate)`` of one rank: TP1, TP8 and EP8."""
+    e, i = cfg.n_routed_experts, cfg.moe_intermediate_size
+    return [("TP1", e, i), ("TP8", e, i // 8), ("EP8", e // 8, i)]
+
+
+def _grouped_mm_peer(device, gen, x, w13, w2, wts, ids, *scales):
+    """torch._grouped_mm in BF16 over the same routing (the FP8 cases' weights dequantized)."""
+    gpu_only("torch._grouped_mm", device)
+    if not hasattr(torch, "_grouped_mm"):
+        raise Skip("torch._grouped_mm: not in this torch")
+    if scales and scales[0] is not None:
+        from glm45_ops import quant
+
+        w13 = quant.dequant_fp8(w13, scales[0], 128, 128)
+        w2 = quant.dequant_fp8(w2, scales[1], 128, 128)
+    e, k, inter = w13.shape[0], ids.shape[1], w13.shape[1] // 2
+    w13_t, w2_t = w13.transpose(1, 2), w2.transpose(1, 2)
+
+    def run():
+        flat = ids.flatten().long()
+        local = (flat >= 0) & (flat < e)
+        key = torch.where(local, flat, e)
+        order = torch.argsort(key, stable=True)
+        offs = torch.cumsum(torch.bincount(key, minlength=e + 1)[:e], 0).to(torch.int32)
+        a = x[order // k]
+        gu = torch._grouped_mm(a, w13_t, offs=offs)
+        y = torch._grouped_mm(torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:], w2_t, offs=offs)
+        y = y.float() * (wts.flatten()[order] * local[order])[:, None]
+        out = torch.zeros(flat.numel(), x.shape[1], dtype=torch.float32, device=x.device).index_copy_(0, order, y)
+        return out.view(-1, k, x.shape[1]).sum(1).to(x.dtype)
+
+    return smoke("torch._grouped_mm", run)
+
+
+def _fused_case(cfg: ModelConfig, t: int, layout: str, local_e: int, inter: int, fp8: bool) -> Case:
+    from glm45_ops import quant
+
+    h, e, k = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+
+    def inputs(device: torch.device, gen: torch.Generator):
+        x = randn((t, h), torch.bfloat16, device, gen, std=0.5)
+        w13 = randn((local_e, 2 * inter, h), torch.bfloat16, device, gen, std=h**-0.5)
+        w2 = randn((local_e, h, inter), torch.bfloat16, device, gen, std=inter**-0.5)
+        scores = torch.rand((t, e), generator=gen, device=device)
+        ids = scores.topk(k, dim=1).indices.to(torch.int32)  # global ids: EP8 ranks see k/8 of them on average
+        wts = torch.rand((t, k), generator=gen, device=device)
+        if not fp8:
+            return x, w13, w2, wts, ids
+        (q13, s13), (q2, s2) = quant.per_block_quant_fp8(w13), quant.per_block_quant_fp8(w2)
+        return x, q13, q2, wts, ids, s13, s2
+
+    pairs = t * k * local_e / e
+    hit = local_e * (1 - (1 - k / e) ** t)
+    wbytes = 1 if fp8 else 2
+    return Case(
+        family=FAMILY,
+        name=f"fused_moe {layout} {'fp8' if fp8 else 'bf16'} T={t}",
+        shape=f"x [{t}, {h}], {local_e} experts [2x{inter}, {h}], top-{k} of {e}",
+        inputs=inputs,
+        run=lambda backend, device, *args: op_runner(moe.fused_moe, backend, device, *args),
+        bytes_moved=int(hit * 3 * inter * h * wbytes + 2 * t * h * 2),
+        flops=int(6 * pairs * h * inter),
+        roofline="memory" if t <= 64 else ("compute:fp8" if fp8 else "compute:bf16"),
+        peers={"torch._grouped_mm": _grouped_mm_peer},
+        params={"T": t, "layout": layout, "E_local": local_e, "I": inter, "fp8": fp8},
+    )
+
+
 def cases(ctx: BenchContext) -> list[Case]:
-    return [_route_case(ctx.model, t, headline=i == 0) for i, t in enumerate(ctx.tokens)]
+    cfg = ctx.model
+    route = [_route_case(cfg, t, headline=i == 0) for i, t in enumerate(ctx.tokens)]
+    fused = [_fused_case(cfg, t, layout, local_e, inter, fp8)
+             for layout, local_e, inter in _layouts(cfg) for fp8 in (True, False) for t in ctx.tokens]
+    return route + fused

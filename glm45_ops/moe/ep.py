@@ -18,8 +18,8 @@ exactly that rank's ``fused_moe`` result. Ids outside ``[0, E)`` contribute noth
 Protocol (three collectives, one host sync), per rank:
 
 1. ``hit[t, d]``: token ``t`` has a slot on rank ``d``. One send row per ``(d, t)`` hit, sorted by
-   ``d`` then ``t`` (a token goes to a rank once, not once per slot: at top-8 over 8 ranks this
-   sends ~5.3 rows per token instead of 8).
+   ``d`` then ``t`` (a token goes to a rank once, not once per slot: GLM-4.5's top-8 of 160
+   experts over 8 ranks, routed uniformly, sends ~5.3 rows per token instead of 8).
 2. ``all_to_all_single`` of the per-rank row counts (int64 ``[W]``, on x's device).
 3. The split sizes of ``all_to_all_single`` are Python lists, so the counts are read on the host
    here (the one sync: it stops CUDA-graph capture of the MoE layer).
@@ -127,7 +127,7 @@ def ep_fused_moe(
     local_ids = torch.where(dest[t_idx] == d_idx[:, None], ids[t_idx] - d_idx[:, None] * per_rank, -1)
     send[:, x_bytes:x_bytes + 4 * k] = local_ids.to(torch.int32).view(torch.uint8)
     send[:, x_bytes + 4 * k:x_bytes + 8 * k] = topk_weights[t_idx].view(torch.uint8)
-    send[:, x_bytes + 8 * k:] = 0
+    send[:, x_bytes + 8 * k:] = 0  # no uninitialised memory on the wire
     recv = torch.empty((received, send.shape[1]), dtype=torch.uint8, device=dev)
     dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
 

@@ -15,6 +15,9 @@
   HBM bandwidth), prefill FP8-compute-bound (target >= 1000 TFLOP/s and 1.3x the peer). Peer:
   ``torch._grouped_mm`` in BF16 over the same routing (sort, two grouped GEMMs, SwiGLU, weighted
   scatter), on a GPU.
+* ``fused_moe +shared``: the shared expert fused as always-selected expert E (top-(k+1), weight 1)
+  at TP8, against the peer "separate shared" (routed fused_moe, then the dense SwiGLU): which one
+  ``MoE(fuse_shared=...)`` should default to is this case's GPU result.
 """
 
 from __future__ import annotations
@@ -133,9 +136,51 @@ def _fused_case(cfg: ModelConfig, t: int, layout: str, local_e: int, inter: int,
     )
 
 
+def _shared_case(cfg: ModelConfig, t: int, inter: int, fp8: bool) -> Case:
+    """Routed + shared expert of one layer: one fused_moe over E+1 experts, top-(k+1) with the
+    shared expert always selected (ours), against routed fused_moe + the dense SwiGLU
+    (``shared_expert``: cuBLAS for BF16, two fp8_linear for FP8) as the "separate shared" peer."""
+    from glm45_ops import quant
+    from glm45_ops.moe.layer import append_shared_routing, shared_expert
+
+    h, e, k = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+
+    def inputs(device: torch.device, gen: torch.Generator):
+        x = randn((t, h), torch.bfloat16, device, gen, std=0.5)
+        w13 = randn((e + 1, 2 * inter, h), torch.bfloat16, device, gen, std=h**-0.5)  # expert e: the shared one
+        w2 = randn((e + 1, h, inter), torch.bfloat16, device, gen, std=inter**-0.5)
+        ids = torch.rand((t, e), generator=gen, device=device).topk(k, dim=1).indices.to(torch.int32)
+        wts, ids = append_shared_routing(torch.rand((t, k), generator=gen, device=device), ids, e)
+        if not fp8:
+            return x, w13, w2, wts, ids
+        (q13, s13), (q2, s2) = quant.per_block_quant_fp8(w13), quant.per_block_quant_fp8(w2)
+        return x, q13, q2, wts, ids, s13, s2
+
+    def separate(device, gen, x, w13, w2, wts, ids, s13=None, s2=None):
+        cut = lambda v: None if v is None else v[:e]  # noqa: E731
+        return lambda: (moe.fused_moe(x, w13[:e], w2[:e], wts[:, :k], ids[:, :k], cut(s13), cut(s2))
+                        + shared_expert(x, w13[e], w2[e], None if s13 is None else s13[e],
+                                        None if s2 is None else s2[e]))
+
+    hit = e * (1 - (1 - k / e) ** t) + 1
+    return Case(
+        family=FAMILY,
+        name=f"fused_moe +shared TP8 {'fp8' if fp8 else 'bf16'} T={t}",
+        shape=f"x [{t}, {h}], {e}+1 experts [2x{inter}, {h}], top-{k}+1",
+        inputs=inputs,
+        run=lambda backend, device, *args: op_runner(moe.fused_moe, backend, device, *args),
+        bytes_moved=int(hit * 3 * inter * h * (1 if fp8 else 2) + 2 * t * h * 2),
+        flops=int(6 * t * (k + 1) * h * inter),
+        roofline="memory" if t <= 64 else ("compute:fp8" if fp8 else "compute:bf16"),
+        peers={"separate shared": separate},
+        params={"T": t, "E": e + 1, "I": inter, "fp8": fp8, "shared": "fused"},
+    )
+
+
 def cases(ctx: BenchContext) -> list[Case]:
     cfg = ctx.model
     route = [_route_case(cfg, t, headline=i == 0) for i, t in enumerate(ctx.tokens)]
     fused = [_fused_case(cfg, t, layout, local_e, inter, fp8)
              for layout, local_e, inter in _layouts(cfg) for fp8 in (True, False) for t in ctx.tokens]
-    return route + fused
+    shared = [_shared_case(cfg, t, cfg.moe_intermediate_size // 8, fp8) for fp8 in (True, False) for t in ctx.tokens]
+    return route + fused + shared

@@ -79,8 +79,18 @@ step pytest_gpu 100 "$PY" -P -m pytest -q --maxfail=25 -m "($MARK) or installed"
 step ceilings 30 $BENCH ceilings --json "$OUT/ceilings.json"
 CEIL=()
 [[ -s "$OUT/ceilings.json" ]] && CEIL=(--ceilings "$OUT/ceilings.json")
-step bench 150 $BENCH all --refcheck ${CEIL[@]+"${CEIL[@]}"} --json "$OUT/results.json" --csv "$OUT/results.csv" \
-  --plot "$OUT/roofline.png"
+# One step per family, each with its own share of the budget, so a slow family cannot starve the
+# others; MoE runs its TP8 / EP8 layouts (the GLM-4.5 serving shapes) and routing.
+bench() {  # bench FAMILY TIMEOUT [glm45-bench args...]
+  local fam=$1 limit=$2; shift 2
+  step "bench_$fam" "$limit" $BENCH "$fam" --refcheck ${CEIL[@]+"${CEIL[@]}"} --json "$OUT/results_$fam.json" \
+    --csv "$OUT/results_$fam.csv" --plot "$OUT/roofline_$fam.png" "$@"
+}
+bench quant 35
+bench gemm 45
+bench speculative 20
+bench muon 25
+bench moe 60 --cases "moe_route,fused_moe TP8,fused_moe EP8,+shared"
 step compile_report 45 $BENCH compile-report --json "$OUT/compile_report.json"
 
 echo "total: $(( $(date +%s) - START ))s" | tee -a "$OUT/summary.txt"

@@ -58,14 +58,17 @@ _ROW_ALIGN = 16  # bytes: x's part of a row is whole 16-byte chunks (H % 16 == 0
 
 def local_experts(num_experts: int, group: dist.ProcessGroup | None = None) -> range:
     """The global ids of the experts this rank of ``group`` holds: ``[r*E/W, (r+1)*E/W)``.
-    ``ValueError`` unless the group's size divides ``num_experts``."""
-    world = dist.get_world_size(group)
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    ``ValueError`` unless the group's size divides ``num_experts`` and this process is in it."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int):
+        raise TypeError(f"num_experts must be int, got {type(num_experts).__name__}")
+    if num_experts <= 0:
+        raise ValueError(f"num_experts must be positive, got {num_experts}")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("group must contain this process")
     if num_experts % world:
         raise ValueError(f"num_experts ({num_experts}) must be divisible by the group size ({world})")
     per_rank = num_experts // world
-    rank = dist.get_rank(group)
     return range(rank * per_rank, (rank + 1) * per_rank)
 
 

@@ -98,8 +98,16 @@ def _check_errors(rank, world, case):
         ep.ep_fused_moe(x, w13[:per + 1], w2[:per + 1], wts, ids, case["e"])
     with pytest.raises(ValueError, match="topk_weights must be float32"):
         ep.ep_fused_moe(x, w13[:per], w2[:per], wts.double(), ids, case["e"])
-    with pytest.raises(ValueError, match="num_experts must be a positive int"):
+    with pytest.raises(ValueError, match="num_experts must be positive, got 0"):
         ep.local_experts(0)
+    with pytest.raises(TypeError, match="num_experts must be int, got float"):
+        ep.local_experts(8.0)
+    solo = dist.new_group([0])  # created by every rank, holding rank 0 only
+    if rank:
+        with pytest.raises(ValueError, match="group must contain this process"):
+            ep.local_experts(8, solo)
+    else:
+        assert ep.local_experts(8, solo) == range(8)
 
 
 def _worker(rank, world, init_file, cases):

@@ -100,10 +100,10 @@ def ep_fused_moe(
     experts = local_experts(num_experts, group)
     args = _fused_op.bind((x, w13_local, w2_local, topk_weights, topk_ids, w13_scale, w2_scale), {})
     _fused_op.check(*args)
+    world = dist.get_world_size(group)
     if w13_local.shape[0] != len(experts):
         raise ValueError(f"w13_local must hold this rank's {len(experts)} experts (num_experts {num_experts} over "
-                         f"{dist.get_world_size(group)} ranks), got {w13_local.shape[0]}")
-    world = dist.get_world_size(group)
+                         f"{world} ranks), got {w13_local.shape[0]}")
     per_rank = len(experts)
     t, h = x.shape
     k = topk_ids.shape[1]

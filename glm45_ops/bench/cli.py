@@ -6,6 +6,7 @@
     glm45-bench all ...              every family (a module in glm45_ops/bench/cases/)
     glm45-bench ceilings [--json P]  measure copy bandwidth and bf16/fp8 matmul on this GPU
     glm45-bench compile-report [--json P] [--families F,...]  AOT-compile Triton kernels for sm_90a
+    glm45-bench tune moe [--preset P,...] [--out DIR] ...  fused-MoE configs on this GPU (bench/tune.py)
     glm45-bench --info               versions, extension, GPUs
 
 Without a GPU it still runs (torch backend, plus triton when TRITON_INTERPRET=1, on the
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from glm45_ops.bench import report, roofline
+from glm45_ops.bench import report, roofline, tune
 from glm45_ops.bench.case import OUR_BACKENDS, BenchContext, Case
 from glm45_ops.bench.cases import FAMILIES, load
 from glm45_ops.config import PRESETS, preset
@@ -97,7 +98,7 @@ def _kernel_families(text: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="glm45-bench", description="Benchmarks for glm45-ops kernels.")
     p.add_argument("--info", action="store_true", help="print versions, extension state and GPUs, then exit")
-    sub = p.add_subparsers(dest="command", metavar="{" + ",".join([*FAMILIES, "all", "ceilings", "compile-report"]) + "}")
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join([*FAMILIES, "all", "ceilings", "compile-report", "tune"]) + "}")
     bench = argparse.ArgumentParser(add_help=False)
     bench.add_argument("--preset", choices=sorted(PRESETS), help="model shapes (default glm-4.5; CPU: always small)")
     bench.add_argument("--backends", default="", help="comma list of our backends and peers (default: all that apply)")
@@ -119,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     report_p.add_argument("--json", type=_output_path)
     report_p.add_argument("--families", type=_kernel_families, default=[],
                           help="comma list of triton_ops modules (default: all)")
+    tune.add_parser(sub)
     return p
 
 
@@ -331,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         from glm45_ops.bench import compile_report
 
         return compile_report.main(args.json, args.families or None)
+    if args.command == "tune":
+        return tune.main(args, argv)
     return _bench(args, argv)
 
 

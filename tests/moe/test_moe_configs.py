@@ -1,0 +1,184 @@
+"""triton_ops.moe_configs: vLLM's file names and format, nearest-M lookup, $GLM45_MOE_CONFIG_DIR
+first, clamping of foreign (vLLM/SGLang) configs, provenance, the override hook, and the shipped
+tables (coverage, untuned, equal to the heuristic that the kernels used before tables)."""
+
+import json
+
+import pytest
+import torch
+
+from triton_ops import moe as tm
+from triton_ops import moe_configs as mc
+
+H200 = "NVIDIA_H200"
+FP8 = torch.float8_e4m3fn
+BLOCK = [128, 128]
+# GLM-4.5 and Air at TP1/2/4/8 and EP8: (E, N), the issue's coverage
+SHIPPED_SHAPES = [(160, 1536), (160, 768), (160, 384), (160, 192), (20, 1536),
+                  (128, 1408), (128, 704), (128, 352), (128, 176), (16, 1408)]
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU fallback")
+
+
+def _cfg(bm=16, bn=64, bk=64, group=1, warps=4, stages=3):
+    return {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": group,
+            "num_warps": warps, "num_stages": stages}
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(mc.ENV_DIR, str(tmp_path))
+    return tmp_path
+
+
+def test_file_names_are_vllms():
+    assert (mc.config_file_name(160, 192, FP8, BLOCK, "NVIDIA H200")
+            == "E=160,N=192,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json")
+    assert mc.config_file_name(160, 192, "fp8_w8a8", (128, 128), H200) == mc.config_file_name(160, 192, FP8, BLOCK, H200)
+    for dt in (torch.bfloat16, torch.float16, None):  # unquantized tables have no dtype part, as in vLLM
+        assert mc.config_file_name(128, 176, dt, None, H200) == "E=128,N=176,device_name=NVIDIA_H200.json"
+    assert mc.config_file_name(16, 1408, torch.float32, None, H200) == "E=16,N=1408,device_name=NVIDIA_H200,dtype=float32.json"
+
+
+@pytest.mark.parametrize("dtype,block,match", [
+    (FP8, None, r"block_shape must be \[128, 128\] with FP8"),
+    (FP8, [64, 64], r"block_shape must be \[128, 128\] with FP8"),
+    (torch.bfloat16, BLOCK, "block_shape is only for FP8"),
+    (torch.int8, None, "dtype must be"),
+    ("int8_w8a16", None, "dtype must be"),
+])
+def test_bad_dtype_or_block_shape(dtype, block, match):
+    with pytest.raises(ValueError, match=match):
+        mc.get_config(160, 192, 5120, 1, dtype, block, H200)
+
+
+@cpu_only
+def test_no_gpu_means_no_table_and_the_heuristic():
+    assert mc.gpu_name() is None and mc.load_table(160, 192, FP8, BLOCK) is None
+    assert mc.get_config(160, 192, 5120, 4096, FP8, BLOCK) == mc.default_config(160, 192, 5120, 4096, FP8, BLOCK)
+    assert mc.describe(160, 192, FP8, BLOCK) == "no file: heuristic defaults, not tuned"
+    with pytest.raises(ValueError, match="device_name is required"):
+        mc.config_file_name(160, 192, FP8, BLOCK)
+
+
+@pytest.mark.parametrize("m", [1, 7, 64, 65, 512, 4096, 16384])
+def test_defaults_are_what_the_kernels_used_before_tables(m):
+    """The heuristic reproduces triton_ops.moe's own choices, so wiring get_config in changes no
+    launch until a tuned table exists."""
+    top_k = 8
+    for dtype, block in ((torch.bfloat16, None), (FP8, BLOCK)):
+        cfg = mc.default_config(160, 192, 5120, m, dtype, block, top_k)
+        assert cfg["BLOCK_SIZE_M"] == tm.pick_block_m(m * top_k)
+        assert mc.clamp_config(cfg, dtype) == (cfg, [])
+    assert mc.default_config(160, 192, 5120, m, FP8, BLOCK)["num_warps"] == tm.gate_up_warps(True)
+    assert mc.default_config(160, 192, 5120, m, FP8, BLOCK)["BLOCK_SIZE_N"] == tm.QUANT_GROUP
+
+
+@pytest.mark.parametrize("e,n", SHIPPED_SHAPES)
+@pytest.mark.parametrize("dtype,block", [(torch.bfloat16, None), (FP8, BLOCK)], ids=["bf16", "fp8"])
+def test_shipped_tables_cover_glm45_and_air_and_say_untuned(monkeypatch, e, n, dtype, block):
+    monkeypatch.delenv(mc.ENV_DIR, raising=False)
+    table = mc.load_table(e, n, dtype, block, H200)
+    assert table is not None and table.path.parent == mc.CONFIG_DIR
+    assert not table.tuned and table.provenance["tuned"] is False and not table.notes
+    assert mc.describe(e, n, dtype, block, H200).startswith("defaults, not tuned: ")
+    raw = json.loads(table.path.read_text())
+    assert list(raw) == [str(m) for m in sorted(map(int, raw))]  # vLLM format: M keys, ascending
+    for m, cfg in raw.items():
+        assert list(cfg) == list(mc.KEYS) and all(type(v) is int for v in cfg.values())
+        assert cfg == mc.default_config(e, n, table.provenance["hidden_size"], int(m), dtype, block)
+
+
+def test_nearest_m_lookup_ties_to_the_smaller(user_dir):
+    table = {m: _cfg(bm=16, stages=i + 2) for i, m in enumerate((1, 16, 64, 256))}
+    mc.write_table(user_dir, mc.config_file_name(160, 192, torch.bfloat16, None, H200), table, {"tuned": False})
+    stages = {m: mc.get_config(160, 192, 5120, m, torch.bfloat16, None, H200)["num_stages"]
+              for m in (1, 8, 9, 40, 41, 200, 10**6)}
+    # 8 is 7 from 1 and 8 from 16; 40 is 24 from both 16 and 64 (vLLM: first in file order)
+    assert stages == {1: 2, 8: 2, 9: 3, 40: 3, 41: 4, 200: 5, 10**6: 5}
+
+
+def test_user_dir_comes_first(user_dir, monkeypatch):
+    name = mc.config_file_name(160, 192, FP8, BLOCK, H200)
+    vllm_file = {"1": _cfg(bm=32, bn=128, bk=128, group=16, warps=4, stages=4)}
+    (user_dir / name).write_text(json.dumps(vllm_file))  # a dropped-in vLLM file: no provenance
+    assert mc.get_config(160, 192, 5120, 3, FP8, BLOCK, H200) == vllm_file["1"]
+    table = mc.load_table(160, 192, FP8, BLOCK, H200)
+    assert table.path == user_dir / name and table.provenance is None and not table.tuned
+    assert table.description.startswith("no provenance entry (a vLLM/SGLang file?), origin unknown")
+    monkeypatch.delenv(mc.ENV_DIR)
+    assert mc.load_table(160, 192, FP8, BLOCK, H200).path.parent == mc.CONFIG_DIR
+    monkeypatch.setenv(mc.ENV_DIR, str(user_dir / "empty"))  # nothing there: the shipped table
+    assert mc.load_table(160, 192, FP8, BLOCK, H200).path.parent == mc.CONFIG_DIR
+
+
+def test_foreign_configs_are_clamped_to_our_kernels(user_dir):
+    fp8_name = mc.config_file_name(20, 1536, FP8, BLOCK, H200)
+    (user_dir / fp8_name).write_text(json.dumps({
+        "triton_version": "3.4.0",  # vLLM's newer files carry it; not a batch size
+        "1": _cfg(bm=16, bn=64, bk=128, group=1, warps=4, stages=4),
+        "4096": _cfg(bm=256, bn=128, bk=256, group=32, warps=8, stages=5),
+    }))
+    table = mc.load_table(20, 1536, FP8, BLOCK, H200)
+    assert table.configs[1] == _cfg(bm=16, bn=128, bk=128, group=1, warps=4, stages=4)
+    # BM 256 -> 128; 128 x 128 fp8: (128*128 + 2*128*128) bytes a stage, 4 fit in 227 KiB
+    assert table.configs[4096] == _cfg(bm=128, bn=128, bk=128, group=32, warps=8, stages=4)
+    assert "M=1: BLOCK_SIZE_N 64 -> 128" in table.notes and "M=4096: BLOCK_SIZE_M 256 -> 128" in table.notes
+    assert "M=4096: num_stages 5 -> 4 (shared memory)" in table.notes
+    assert "clamped" in table.description
+
+    cfg, notes = mc.clamp_config(_cfg(bm=64, bn=256, bk=128, stages=3, warps=4) | {"USE_TMA": False}, torch.bfloat16)
+    # bf16 64 x 128 x 128: (64*128 + 2*128*128) * 2 = 80 KiB a stage: 2 fit, not vLLM's 3
+    assert cfg == _cfg(bm=64, bn=128, bk=128, stages=2, warps=4)
+    assert notes == ["config: USE_TMA ignored (not a config key of these kernels)", "config: BLOCK_SIZE_N 256 -> 128",
+                     "config: num_stages 3 -> 2 (shared memory)"]
+    assert mc.clamp_config(_cfg(bm=8, bn=48, bk=16), torch.float16)[0] == _cfg(bm=16, bn=64, bk=16)
+    assert mc.smem_per_stage(cfg, fp8=False) * cfg["num_stages"] <= mc.SMEM_BYTES
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"BLOCK_SIZE_M": 16}, "M=1: missing BLOCK_SIZE_N"),
+    (_cfg(warps=6), "M=1: num_warps must be a power of two up to 32, got 6"),
+    (_cfg(stages=0), "M=1: num_stages must be a positive integer, got 0"),
+    (_cfg(bn=64.0), "M=1: BLOCK_SIZE_N must be a positive integer, got 64.0"),
+    (_cfg(group=True), "M=1: GROUP_SIZE_M must be a positive integer, got True"),
+    ([16, 64], "M=1: a config must be a JSON object"),
+])
+def test_malformed_configs_raise_naming_the_key(user_dir, bad, match):
+    (user_dir / mc.config_file_name(16, 1408, torch.bfloat16, None, H200)).write_text(json.dumps({"1": bad}))
+    with pytest.raises(ValueError, match=match):
+        mc.load_table(16, 1408, torch.bfloat16, None, H200)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{not json", "not a readable JSON config file"),
+    ('{"M1": {}}', "keys must be batch sizes"),
+    ('{"0": {}}', "keys must be batch sizes"),
+    ("{}", "no batch sizes in it"),
+    ("[1, 2]", "expected an object mapping batch sizes to configs"),
+])
+def test_malformed_files_raise(user_dir, text, match):
+    (user_dir / mc.config_file_name(16, 1408, torch.bfloat16, None, H200)).write_text(text)
+    with pytest.raises(ValueError, match=match):
+        mc.get_config(16, 1408, 4096, 1, torch.bfloat16, None, H200)
+
+
+def test_tuned_provenance_is_reported(user_dir):
+    name = mc.config_file_name(128, 176, FP8, BLOCK, H200)
+    mc.write_table(user_dir, name, {1: _cfg(bm=16, bn=128, bk=128, warps=8)},
+                   {"tuned": True, "device": "NVIDIA H200", "date": "2026-11-30T20:00:00+00:00"})
+    mc.write_table(user_dir, "other.json", {1: _cfg()}, {"tuned": False})  # the sidecar keeps both entries
+    table = mc.load_table(128, 176, FP8, BLOCK, H200)
+    assert table.tuned and table.description == f"tuned on NVIDIA H200 2026-11-30T20:00:00+00:00: {user_dir / name}"
+    assert set(json.loads((user_dir / mc.PROVENANCE_FILE).read_text())) == {name, "other.json"}
+
+
+def test_override_wins_and_counts_its_calls():
+    cfg = _cfg(bm=32, bn=64, bk=64, warps=8, stages=2)
+    with mc.override(cfg) as hits:
+        assert mc.get_config(160, 192, 5120, 1, torch.bfloat16, None, H200) == cfg
+        with mc.override(_cfg(bm=64, bn=32, bk=32)) as inner:
+            # clamped for the call's dtype: FP8 tiles are 128 x 128 whatever the override says
+            assert mc.get_config(160, 192, 5120, 1, FP8, BLOCK, H200) == _cfg(bm=64, bn=128, bk=128)
+        assert mc.get_config(160, 192, 5120, 1, torch.bfloat16, None, H200) == cfg
+    assert hits["calls"] == 2 and inner["calls"] == 1
+    assert mc.get_config(160, 192, 5120, 1, torch.bfloat16, None, H200) == mc.default_config(160, 192, 5120, 1, None)

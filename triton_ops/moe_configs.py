@@ -92,7 +92,8 @@ def gpu_name(device: torch.device | str | None = None) -> str | None:
     return _cuda_name(torch.cuda.current_device() if device.index is None else device.index).replace(" ", "_")
 
 
-def config_file_name(E: int, N: int, dtype: torch.dtype | str | None, block_shape=None, device_name: str | None = None) -> str:
+def config_file_name(E: int, N: int, dtype: torch.dtype | str | None, block_shape=None,
+                     device_name: str | None = None) -> str:
     """vLLM's file name for a table (``device_name`` defaults to this process's GPU)."""
     sel = dtype_selector(dtype)
     shape = _block_shape(sel, block_shape)
@@ -132,7 +133,8 @@ def smem_per_stage(config: dict[str, int], fp8: bool) -> int:
     return (bm * bk + 2 * bk * bn) * size
 
 
-def clamp_config(config: dict[str, Any], dtype: torch.dtype | str | None, where: str = "config") -> tuple[dict[str, int], list[str]]:
+def clamp_config(config: dict[str, Any], dtype: torch.dtype | str | None,
+                 where: str = "config") -> tuple[dict[str, int], list[str]]:
     """``config`` made runnable by our kernels, and a note per change.
 
     Malformed values raise ValueError naming ``where`` and the key: a missing key, a non-integer,
@@ -160,7 +162,10 @@ def clamp_config(config: dict[str, Any], dtype: torch.dtype | str | None, where:
     notes = [f"{where}: {key} ignored (not a config key of these kernels)" for key in config if key not in KEYS]
     limits = {"BLOCK_SIZE_M": MAX_BLOCK_M, "BLOCK_SIZE_N": MAX_BLOCK_NK, "BLOCK_SIZE_K": MAX_BLOCK_NK}
     for key, top in limits.items():
-        want = FP8_BLOCK_SHAPE[0] if fp8 and key != "BLOCK_SIZE_M" else min(max(_pow2_at_least(out[key]), MIN_BLOCK), top)
+        if fp8 and key != "BLOCK_SIZE_M":
+            want = FP8_BLOCK_SHAPE[0]
+        else:
+            want = min(max(_pow2_at_least(out[key]), MIN_BLOCK), top)
         if want != out[key]:
             notes.append(f"{where}: {key} {out[key]} -> {want}")
             out[key] = want

@@ -9,7 +9,7 @@ One file per (preset, layout, dtype): TPn holds every expert at ``I/n`` wide, EP
 the experts at full ``I`` (tokens routed over all of them, as the benchmark cases do). For each
 batch size M every candidate of :func:`search_space` runs ``glm45_ops.moe.fused_moe`` (Triton)
 under :func:`triton_ops.moe_configs.override`, timed with ``triton.testing.do_bench`` (L2 flushed),
-on the benchmark cases' random inputs; the fastest whose output passes the op's own ``compare``
+on random inputs (:func:`problem_inputs`); the fastest whose output passes the op's own ``compare``
 against the torch reference wins. Provenance (device, date, versions, command, times, speed-up
 over the heuristic default) goes to the directory's ``provenance.json``, never into the table.
 
@@ -138,26 +138,47 @@ def tuned_provenance(results: dict[int, Best], *, device: str, command: str, mod
             "preset": model.name, "layout": layout.name, "dtype": dtype, "hidden_size": model.hidden_size,
             "top_k": model.num_experts_per_tok, "candidates": candidates, "method": method,
             "time_us": {str(m): round(b.time_us, 2) for m, b in results.items()},
-            "speedup_vs_default": {str(m): round(b.default_us / b.time_us, 3) for m, b in results.items() if b.default_us}}
+            "speedup_vs_default": {str(m): round(b.default_us / b.time_us, 3)
+                                   for m, b in results.items() if b.default_us}}
 
 
-def _gpu_functions(model: ModelConfig, layout: Layout, dtype: str, rep_ms: int) -> tuple[TimeFn, CheckFn]:
-    """Time and check functions over the ``fused_moe`` benchmark case's inputs, built once per M."""
-    from glm45_ops import moe
-    from glm45_ops._registry import registered_ops
-    from glm45_ops.bench.cases.moe import _fused_case
-    from glm45_ops.bench.timing import time_gpu
+def problem_inputs(model: ModelConfig, layout: Layout, m: int, fp8: bool, device: torch.device,
+                   gen: torch.Generator) -> tuple:
+    """``fused_moe``'s arguments for M tokens on one rank: random activations and experts (FP8:
+    quantized in 128 x 128 blocks), each token routed to top-k of all the model's experts, so an
+    EP rank sees the ids of other ranks' experts too (they contribute nothing here), as the
+    benchmark cases do."""
+    from glm45_ops import quant
+    from glm45_ops.bench.case import randn
 
-    compare = registered_ops()["fused_moe"].compare
-    device = torch.device("cuda")
+    h, k = model.hidden_size, model.num_experts_per_tok
+    x = randn((m, h), torch.bfloat16, device, gen, std=0.5)
+    w13 = randn((layout.experts, 2 * layout.inter, h), torch.bfloat16, device, gen, std=h**-0.5)
+    w2 = randn((layout.experts, h, layout.inter), torch.bfloat16, device, gen, std=layout.inter**-0.5)
+    ids = torch.rand((m, model.n_routed_experts), generator=gen, device=device).topk(k, dim=1).indices.to(torch.int32)
+    wts = torch.rand((m, k), generator=gen, device=device)
+    if not fp8:
+        return x, w13, w2, wts, ids
+    (q13, s13), (q2, s2) = quant.per_block_quant_fp8(w13), quant.per_block_quant_fp8(w2)
+    return x, q13, q2, wts, ids, s13, s2
+
+
+def measure_functions(model: ModelConfig, layout: Layout, dtype: str, device: torch.device,
+                      timer: Callable[[Callable[[], Any]], float]) -> tuple[TimeFn, CheckFn]:
+    """Time and check functions for :func:`tune_table`: ``fused_moe`` (Triton) on
+    :func:`problem_inputs` under each candidate, timed by ``timer(fn) -> us``, checked by the
+    op's ``compare`` against the torch backend. Inputs are made once per M."""
+    from glm45_ops import moe, registered_ops
+
+    op = registered_ops()["fused_moe"]
     made: dict[int, tuple] = {}
 
     def problem(m: int) -> tuple:
         if m not in made:
             made.clear()  # one M's inputs at a time: TP1 weights are GBs
-            torch.cuda.empty_cache()
-            case = _fused_case(model, m, layout.name, layout.experts, layout.inter, dtype == "fp8")
-            args = case.inputs(device, torch.Generator(device).manual_seed(m))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            args = problem_inputs(model, layout, m, dtype == "fp8", device, torch.Generator(device).manual_seed(m))
             made[m] = (args, moe.fused_moe(*args, backend="torch"))
         return made[m]
 
@@ -165,7 +186,6 @@ def _gpu_functions(model: ModelConfig, layout: Layout, dtype: str, rep_ms: int) 
         args, _ = problem(m)
         with mc.override(cfg) as hits:
             out = moe.fused_moe(*args, backend="triton")
-            torch.cuda.synchronize()
         if hits["calls"] == 0:
             raise TuneAbort("triton_ops.moe does not ask triton_ops.moe_configs.get_config for its block sizes, "
                             "so no candidate can reach the kernels")
@@ -175,11 +195,11 @@ def _gpu_functions(model: ModelConfig, layout: Layout, dtype: str, rep_ms: int) 
         run(cfg, m)  # compiles, and proves the override reaches the kernels
         args, _ = problem(m)
         with mc.override(cfg):
-            return time_gpu(lambda: moe.fused_moe(*args, backend="triton"), rep_ms, WARMUP_MS).median_us
+            return timer(lambda: moe.fused_moe(*args, backend="triton"))
 
     def check_fn(cfg: dict[str, int], m: int) -> str | None:
         args, want = problem(m)
-        return compare(run(cfg, m), want, args)
+        return op.compare(run(cfg, m), want, op.bind(args, {}))  # compare reads the schema's every argument
 
     return time_fn, check_fn
 
@@ -248,6 +268,12 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
     _out_dir(args)
     command = shlex.join(["glm45-bench", *argv])
     written = 0
+
+    def gpu_timer(fn: Callable[[], Any]) -> float:
+        from glm45_ops.bench.timing import time_gpu
+
+        return time_gpu(fn, args.rep_ms, WARMUP_MS).median_us
+
     try:
         for name, layout, dt in itertools.product(dict.fromkeys(args.preset), dict.fromkeys(args.layouts),
                                                   dict.fromkeys(args.dtypes)):
@@ -269,7 +295,7 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
             else:
                 print(f"{model.name} {lay.name} {dt}: E={lay.experts} N={lay.inter} K={k} -> {fname}", flush=True)
                 candidates = search_space(dtype)
-                time_fn, check_fn = _gpu_functions(model, lay, dt, args.rep_ms)
+                time_fn, check_fn = measure_functions(model, lay, dt, torch.device("cuda"), gpu_timer)
                 results = tune_table(args.batch_sizes, candidates, default, time_fn, check_fn)
                 table = {m: b.config for m, b in results.items()}
                 prov = tuned_provenance(results, device=torch.cuda.get_device_name(), command=command, model=model,

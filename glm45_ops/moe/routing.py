@@ -5,6 +5,8 @@ renormalize=True, routed_scaling_factor=1.0) -> (topk_weights, topk_ids)``: ever
 exactly equal to ``glm45_ops.reference.moe_routing`` (the definition: ties to the lower id, NaN
 ranked lowest, the output order and the weights' summation order). Any expert count up to 512,
 powers of two or not (GLM-4.5's 160, Air's 128, DeepSeek-V3's 256 in 8 groups), ``top_k <= 16``.
+Backends: the torch reference (vectorised, the CPU path), Triton (``triton_ops/moe_routing.py``: a
+block of tokens per program) and CUDA (``csrc/moe/routing.cu``: a warp per token).
 
 ``route(hidden, router_weight, ...)`` computes the logits first (the fp32 router GEMM, as HF's
 ``Glm4MoeTopkRouter``), then routes.

@@ -207,9 +207,9 @@ class ConfigTable:
         return dict(self.configs[min(self.configs, key=lambda m: (abs(m - M), m))])
 
 
-def search_dirs() -> list[pathlib.Path]:
-    """``$GLM45_MOE_CONFIG_DIR`` (when set), then the shipped tables."""
-    user = os.environ.get(ENV_DIR)
+def search_dirs(user_dir: str | None = None) -> list[pathlib.Path]:
+    """``$GLM45_MOE_CONFIG_DIR`` (or ``user_dir``) when set, then the shipped tables."""
+    user = user_dir if user_dir is not None else os.environ.get(ENV_DIR)
     return ([pathlib.Path(user)] if user else []) + [CONFIG_DIR]
 
 
@@ -242,8 +242,11 @@ def read_table(path: pathlib.Path, dtype: torch.dtype | str | None) -> ConfigTab
 
 
 @functools.lru_cache(maxsize=None)
-def _find(dirs: tuple[pathlib.Path, ...], name: str, dtype: str | None) -> ConfigTable | None:
-    for d in dirs:
+def _find(user_dir: str, E: int, N: int, dtype: str | None, block_shape: tuple[int, int] | None,
+          device_name: str) -> ConfigTable | None:
+    # keyed on the shapes, not the file name: get_config runs per call, its lookups must be cheap
+    name = config_file_name(E, N, dtype, block_shape, device_name)
+    for d in search_dirs(user_dir):
         if (d / name).is_file():
             return read_table(d / name, dtype)
     return None
@@ -252,12 +255,13 @@ def _find(dirs: tuple[pathlib.Path, ...], name: str, dtype: str | None) -> Confi
 def load_table(E: int, N: int, dtype: torch.dtype | str | None, block_shape=None,
                device_name: str | None = None) -> ConfigTable | None:
     """The first table found for these shapes on ``device_name`` (default: this GPU), or None
-    (no GPU, or no file). Read once per process and directory list."""
+    (no GPU, or no file). Each file is read once per process (and value of the variable)."""
     sel = dtype_selector(dtype)
+    shape = _block_shape(sel, block_shape)
     name = device_name or gpu_name()
     if name is None:
         return None
-    return _find(tuple(search_dirs()), config_file_name(E, N, sel, block_shape, name), sel)
+    return _find(os.environ.get(ENV_DIR, ""), E, N, sel, shape, name)
 
 
 def describe(E: int, N: int, dtype: torch.dtype | str | None, block_shape=None, device_name: str | None = None) -> str:

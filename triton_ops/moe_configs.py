@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
 import pathlib
 from dataclasses import dataclass, field

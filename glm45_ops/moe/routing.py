@@ -112,6 +112,7 @@ def _samples(device, gen):
         Sample((_logits((6, 256), torch.bfloat16, gen, device), bias, 8, 8, 4, True, 2.5), note="DeepSeek-V3"),
         Sample((_logits((4, 256), torch.float16, gen, device), None, 16, 1, 1, False), note="k=16, no renorm"),
         Sample((_logits((3, 37), torch.float32, gen, device), None, 5), note="E=37 (padded to 64)"),
+        Sample((_logits((2, 512), torch.bfloat16, gen, device), None, 16, 16, 4), note="E=512 in 16 groups, k=16"),
         Sample((strided, bias[::2], 8), note="row-strided logits, strided bias"),
         Sample((_logits((16, 6), torch.float32, gen, device).t(), bias[:16], 3, 2, 2), note="column-major logits"),
         Sample((_tied(6, 160, gen, device, torch.bfloat16), None, 8, 8, 2), note="ties"),

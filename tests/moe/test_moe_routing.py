@@ -94,6 +94,17 @@ def test_against_oracle(device, backend, e, top_k, n_group, topk_group, dtype, g
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("t,e,top_k,n_group,topk_group", [
+    (1, 1, 1, 1, 1), (65, 7, 7, 1, 1), (5, 33, 5, 3, 2), (3, 129, 16, 1, 1), (4, 161, 8, 7, 2), (2, 257, 9, 1, 1),
+    (3, 500, 16, 10, 3), (6, 512, 16, 16, 4), (2, 512, 2, 256, 1)])
+def test_awkward_sizes(device, backend, t, e, top_k, n_group, topk_group, gen):
+    """Expert counts around the 32-lane and power-of-two boundaries, one token to 65, group sizes 2 to 50."""
+    logits = torch.randn(t, e, generator=gen).bfloat16()
+    bias = torch.randn(e, generator=gen) * 0.1
+    check_against_oracle(device, backend, logits, bias, top_k, n_group, topk_group, True, 2.5)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_ties_go_to_lower_ids(device, backend, gen):
     # every expert equal: ids 0..k-1; equal groups: the lowest groups
     flat = torch.zeros(3, 160, dtype=torch.bfloat16)

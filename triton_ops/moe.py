@@ -73,6 +73,17 @@ def _moe_align_kernel(
 
 
 @triton.jit
+def _block_pairs(block_expert_ptr, sorted_ptr, num_pairs, BLOCK_M: tl.constexpr):
+    """This program's block of permuted rows: its expert (-1: past the used segments, nothing to
+    do), the rows, the (token, slot) pair of each and which rows hold a pair (not padding)."""
+    pid_m = tl.program_id(0)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + rows)
+    return e, rows, pair, pair < num_pairs
+
+
+@triton.jit
 def _quant_tile_e4m3(h, ROUND_ON_GRID: tl.constexpr):
     """One 1 x 128 group per row of ``h`` (fp32, already on x's dtype grid): the reference
     quantizer's scale (eps 1e-4, NaN -> NaN scale, inf left out of amax) and e4m3 bytes."""
@@ -98,14 +109,10 @@ def _moe_gate_up_kernel(
     FP8: tl.constexpr, ROW_SCALES: tl.constexpr, HAS_OFFSET: tl.constexpr, UPCAST: tl.constexpr,
     ROUND_ON_GRID: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    e, rows, pair, valid = _block_pairs(block_expert_ptr, sorted_ptr, num_pairs, BLOCK_M)
     if e < 0:
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
-    valid = pair < num_pairs
     token = (pair // top_k).to(tl.int64)
     # Tiles along I start i_offset columns early (a tensor-parallel shard whose first column sits
     # inside a 128-block), so each FP8 tile is one 1 x 128 group aligned with the w2 scale blocks.
@@ -164,14 +171,10 @@ def _moe_down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FP8: tl.constexpr, HAS_OFFSET: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    e, rows, pair, valid = _block_pairs(block_expert_ptr, sorted_ptr, num_pairs, BLOCK_M)
     if e < 0:
         return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ptr + rows)
-    valid = pair < num_pairs
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)

@@ -126,7 +126,10 @@ def _pow2_at_least(n: int) -> int:
 
 def smem_per_stage(config: dict[str, int], fp8: bool) -> int:
     """Bytes one pipeline stage of the gate-up loop holds (the larger of our two GEMMs): an
-    activation tile ``[BM, BK]`` and the gate and up weight tiles ``[BK, BN]``."""
+    activation tile ``[BM, BK]`` and the gate and up weight tiles ``[BK, BN]``. Triton 3.8's
+    sm_90a build of that kernel allocates ``num_stages`` times this at BM >= 64 and one stage
+    less at BM = 16, so a config within ``num_stages * smem_per_stage <= SMEM_BYTES`` fits
+    (tests/moe/test_moe_configs.py compiles the largest ones)."""
     size = 1 if fp8 else 2
     bm, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     return (bm * bk + 2 * bk * bn) * size

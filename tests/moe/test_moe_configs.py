@@ -3,6 +3,10 @@ first, clamping of foreign (vLLM/SGLang) configs, provenance, the override hook,
 tables (coverage, untuned, equal to the heuristic that the kernels used before tables)."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -191,3 +195,43 @@ def test_override_wins_and_counts_its_calls():
         assert mc.get_config(160, 192, 5120, 1, torch.bfloat16, None, H200) == cfg
     assert hits["calls"] == 2 and inner["calls"] == 1
     assert mc.get_config(160, 192, 5120, 1, torch.bfloat16, None, H200) == mc.default_config(160, 192, 5120, 1, None)
+
+
+SMEM_PROBE = textwrap.dedent("""
+    import json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton_ops import moe as tm
+    shared = []
+    for fp8, cfg in json.loads(sys.argv[1]):
+        spec = tm._gate_up_spec(fp8, cfg["BLOCK_SIZE_M"])
+        names = list(spec.signature)
+        attrs = {(names.index(n),): [["tt.divisibility", 16]]
+                 for n in names if spec.signature[n].startswith("*") or n in spec.aligned}
+        constexprs = dict(spec.constexprs, BLOCK_M=cfg["BLOCK_SIZE_M"], BLOCK_N=cfg["BLOCK_SIZE_N"],
+                          BLOCK_K=cfg["BLOCK_SIZE_K"])
+        k = triton.compile(ASTSource(spec.kernel, spec.signature, constexprs, attrs),
+                           target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+        shared.append(k.metadata.shared)
+    print(json.dumps(shared))
+""")
+
+
+def test_largest_admitted_configs_fit_sm90_shared_memory():
+    """The clamp's stage budget, checked against Triton's own sm_90a build of the gate-up kernel
+    (no GPU needed; in a child process, as kernels defined under the interpreter do not
+    compile): the most stages the clamp admits fit, and at BM >= 64 one more does not."""
+    probes = []
+    for dtype, bm in ((torch.bfloat16, 128), (torch.bfloat16, 16), (FP8, 64)):
+        cfg, _ = mc.clamp_config(_cfg(bm=bm, bn=128, bk=128, warps=8, stages=16), dtype)
+        probes += [(dtype == FP8, cfg), (dtype == FP8, cfg | {"num_stages": cfg["num_stages"] + 1})]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", SMEM_PROBE, json.dumps(probes)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shared = json.loads(out.stdout.splitlines()[-1])
+    for (fp8, cfg), admitted, one_more in zip(probes[::2], shared[::2], shared[1::2]):
+        assert admitted <= mc.SMEM_BYTES, (fp8, cfg, admitted)
+        if cfg["BLOCK_SIZE_M"] >= 64:
+            assert one_more > mc.SMEM_BYTES, (fp8, cfg, one_more)

@@ -110,8 +110,10 @@ def default_config(E: int, N: int, K: int, M: int, dtype: torch.dtype | str | No
     pairs, else 64; BF16 64 x 64 tiles, 4 warps; FP8 128 x 128 tiles (one tile is one scale
     block / quantization group), 8 warps (the gate-up program's two 128-wide accumulators and
     their per-slice partials spill at 4: 255 registers). ``GROUP_SIZE_M`` 1: our grids do not
-    swizzle. E, N and K do not move these defaults; only a measurement
-    (``glm45-bench tune moe``) knows where they should."""
+    swizzle. One config serves both GEMMs, as in vLLM: the FP8 down GEMM, which ran 64-wide
+    tiles at 4 warps, gets 128 at 8 (sm_90a build: 135 registers at BM 64, no spills). E, N and
+    K do not move these defaults; only a measurement (``glm45-bench tune moe``) knows where
+    they should."""
     sel = dtype_selector(dtype)
     _block_shape(sel, block_shape)
     fp8 = sel == FP8

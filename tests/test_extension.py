@@ -36,7 +36,7 @@ def ext():
 def test_registers_cuda_kernels_for_python_schemas(ext):
     kernels = glm45_ops.info()["cuda_kernels"]
     for name in ("per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_fp8", "fp8_block_gemm", "verify_greedy",
-                 "verify_sampling"):
+                 "verify_sampling", "moe_route", "moe_align_block_size"):
         assert name in kernels, kernels
     assert set(kernels) <= set(glm45_ops.registered_ops()), "C++ registered a kernel for an op Python did not define"
 

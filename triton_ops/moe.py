@@ -224,35 +224,30 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     )
 
 
-def gate_up_warps(fp8: bool) -> int:
-    """FP8 gate-up holds two 128-wide fp32 accumulators plus their per-slice partials: 8 warps
-    keep a 64-row block at no spills (4 warps: 255 registers and 116 bytes of spills)."""
-    return 8 if fp8 else 4
-
-
 def row_scales(w13: torch.Tensor, w13_scale: torch.Tensor) -> bool:
     """Whether ``w13_scale`` holds one scale per row ``[E, 2I, ceil(H/128)]`` (a tensor-parallel
     shard's, see glm45_ops.moe.shard) rather than one per 128 x 128 block."""
     return w13_scale.shape[1] == w13.shape[1] != triton.cdiv(w13.shape[1], QUANT_GROUP)
 
 
-def pick_block_m(num_pairs: int) -> int:
-    """Rows per GEMM block: 16 (wgmma's smallest M) for decode-sized batches, else 64."""
-    return 16 if num_pairs <= 512 else 64
-
-
-def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids, block_expert, top_k, block_m,
+def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids, block_expert, top_k, config,
               i_offset: int = 0) -> torch.Tensor:
     """The two grouped GEMMs over permuted rows -> fp32 ``[T*k, H]`` weighted expert outputs
-    (rows of pairs no local expert took stay 0). ``x``/``w`` e4m3 with scales for FP8, else bf16/fp16/fp32."""
+    (rows of pairs no local expert took stay 0). ``x``/``w`` e4m3 with scales for FP8, else
+    bf16/fp16/fp32. ``config``: vLLM-style block sizes from ``triton_ops.moe_configs.get_config``
+    (its ``BLOCK_SIZE_M`` is the block ``sorted_ids`` was padded to; FP8 tiles are 128 wide, one
+    scale block / quantization group each); under the interpreter, BF16 tiles span whole dims."""
     t, h = x.shape
     inter = w13.shape[1] // 2
     n = topk_weights.numel()
     fp8 = w13_scale is not None
     rows = sorted_ids.numel()
     interp = interpreting()
-    block_k = QUANT_GROUP if fp8 else (64 if not interp else triton.next_power_of_2(max(h, 16)))
-    block_n = QUANT_GROUP if fp8 else (64 if not interp else triton.next_power_of_2(max(inter, 16)))
+    block_m = config["BLOCK_SIZE_M"]
+    launch = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+    whole = interp and not fp8  # the interpreter pays per program: one tile per dimension
+    block_k = triton.next_power_of_2(max(h, 16)) if whole else config["BLOCK_SIZE_K"]
+    block_n = triton.next_power_of_2(max(inter, 16)) if whole else config["BLOCK_SIZE_N"]
     dev = x.device
     if fp8:
         act = torch.empty((rows, inter), dtype=torch.uint8, device=dev)
@@ -270,11 +265,11 @@ def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids
         *((w13_scale.stride(0), w13_scale.stride(1), w13_scale.stride(2)) if fp8 else (0, 0, 0)),
         act.stride(0), act_s.stride(0), act_s.stride(-1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FP8=fp8, ROW_SCALES=fp8 and row_scales(w13, w13_scale),
-        HAS_OFFSET=i_offset != 0, UPCAST=upcast, ROUND_ON_GRID=interp, num_warps=gate_up_warps(fp8),
+        HAS_OFFSET=i_offset != 0, UPCAST=upcast, ROUND_ON_GRID=interp, **launch,
     )
     y = torch.zeros((n, h), dtype=torch.float32, device=dev)
-    block_k2 = QUANT_GROUP if fp8 else (64 if not interp else triton.next_power_of_2(max(inter, 16)))
-    block_n2 = 64 if not interp else triton.next_power_of_2(max(h, 16))
+    block_k2 = triton.next_power_of_2(max(inter, 16)) if whole else config["BLOCK_SIZE_K"]
+    block_n2 = triton.next_power_of_2(max(h, 16)) if interp else config["BLOCK_SIZE_N"]
     grid2 = (block_expert.numel(), triton.cdiv(h, block_n2))
     _moe_down_kernel[grid2](
         act.view(torch.float8_e4m3fn) if fp8 else act, act_s, w2, w2_scale if fp8 else w2, y, topk_weights,
@@ -282,7 +277,7 @@ def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids
         act.stride(0), act_s.stride(0), act_s.stride(-1), w2.stride(0), w2.stride(1),
         *((w2_scale.stride(0), w2_scale.stride(1), w2_scale.stride(2)) if fp8 else (0, 0, 0)), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n2, BLOCK_K=block_k2, FP8=fp8, HAS_OFFSET=i_offset != 0, UPCAST=upcast,
-        num_warps=4,
+        **launch,
     )
     return y
 
@@ -290,6 +285,13 @@ def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids
 # ---------------------------------------------------------------------------------------------
 # Default GPU configurations, for `glm45-bench compile-report` (format: triton_ops/__init__.py)
 # ---------------------------------------------------------------------------------------------
+
+def _default(fp8: bool, block_m: int) -> dict:
+    from triton_ops.moe_configs import FP8_BLOCK_SHAPE, default_config
+
+    m = 1 if block_m == 16 else 4096  # a decode batch and a prefill one
+    return default_config(160, 192, 5120, m, "fp8_w8a8" if fp8 else torch.bfloat16, FP8_BLOCK_SHAPE if fp8 else None)
+
 
 def _gate_up_spec(fp8: bool, block_m: int) -> CompileSpec:
     x_t = "*fp8e4nv" if fp8 else "*bf16"
@@ -300,16 +302,18 @@ def _gate_up_spec(fp8: bool, block_m: int) -> CompileSpec:
                                  "stride_wsn", "stride_wsk", "stride_hm", "stride_hsm", "stride_hsk")},
            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "FP8": "constexpr",
            "ROW_SCALES": "constexpr", "HAS_OFFSET": "constexpr", "UPCAST": "constexpr", "ROUND_ON_GRID": "constexpr"}
-    bn, bk = (128, 128) if fp8 else (64, 64)
+    cfg = _default(fp8, block_m)
+    bn, bk = cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
     return CompileSpec(
         label=f"{'fp8' if fp8 else 'bf16'} BLOCK_M={block_m}", kernel=_moe_gate_up_kernel, signature=sig,
         constexprs={"BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "FP8": fp8, "ROW_SCALES": False,
                     "HAS_OFFSET": False, "UPCAST": False, "ROUND_ON_GRID": False},
-        options={"num_warps": gate_up_warps(fp8)}, aligned=("H", "I", "stride_xm", "stride_we", "stride_wn", "stride_hm"),
+        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}, aligned=("H", "I", "stride_xm", "stride_we", "stride_wn", "stride_hm"),
     )
 
 
 def _down_spec(fp8: bool, block_m: int) -> CompileSpec:
+    cfg = _default(fp8, block_m)
     a_t = "*fp8e4nv" if fp8 else "*bf16"
     sig = {"h_ptr": a_t, "hs_ptr": "*fp32", "w_ptr": a_t, "ws_ptr": "*fp32", "y_ptr": "*fp32", "topk_w_ptr": "*fp32",
            "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "num_pairs": "i32", "H": "i32", "I": "i32", "i_offset": "i32",
@@ -319,9 +323,9 @@ def _down_spec(fp8: bool, block_m: int) -> CompileSpec:
            "HAS_OFFSET": "constexpr", "UPCAST": "constexpr"}
     return CompileSpec(
         label=f"{'fp8' if fp8 else 'bf16'} BLOCK_M={block_m}", kernel=_moe_down_kernel, signature=sig,
-        constexprs={"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128 if fp8 else 64, "FP8": fp8, "HAS_OFFSET": False,
-                    "UPCAST": False},
-        options={"num_warps": 4}, aligned=("H", "I", "stride_hm", "stride_we", "stride_wn", "stride_ym"),
+        constexprs={"BLOCK_M": block_m, "BLOCK_N": cfg["BLOCK_SIZE_N"], "BLOCK_K": cfg["BLOCK_SIZE_K"], "FP8": fp8,
+                    "HAS_OFFSET": False, "UPCAST": False},
+        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}, aligned=("H", "I", "stride_hm", "stride_we", "stride_wn", "stride_ym"),
     )
 
 

@@ -91,20 +91,24 @@ def _fused_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_off
     from glm45_ops.moe.permute import moe_align_block_size
     from glm45_ops.quant import per_token_group_quant_fp8
     from triton_ops import moe as tm
+    from triton_ops.moe_configs import FP8_BLOCK_SHAPE, get_config, gpu_name
 
     out = _alloc_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offset)
     t, h = x.shape
     if out.numel() == 0:
         return out
     k = topk_ids.shape[1]
-    block_m = tm.pick_block_m(topk_ids.numel())
-    sorted_ids, block_expert, _ = moe_align_block_size(topk_ids, w13.shape[0], block_m, backend="triton")
+    fp8 = w13_scale is not None
+    # tuned per (E, N, M) for this GPU where a table exists (triton_ops/configs/moe, vLLM's format)
+    config = get_config(w2.shape[0], w2.shape[2], h, t, w13.dtype, FP8_BLOCK_SHAPE if fp8 else None,
+                        gpu_name(x.device), top_k=k)
+    sorted_ids, block_expert, _ = moe_align_block_size(topk_ids, w13.shape[0], config["BLOCK_SIZE_M"], backend="triton")
     if w13_scale is not None:
         a, a_scale = per_token_group_quant_fp8(x, QUANT_GROUP, backend="triton")
     else:
         a, a_scale = x, None
     y = tm.fused_moe(a, a_scale, w13, w13_scale, w2, w2_scale, topk_weights.contiguous(), sorted_ids, block_expert,
-                     k, block_m, i_offset)
+                     k, config, i_offset)
     return out.copy_(y.view(t, k, h).sum(1))
 
 

@@ -68,8 +68,8 @@ def test_no_gpu_means_no_table_and_the_heuristic():
 @pytest.mark.parametrize("m", [1, 7, 64, 65, 512, 4096, 16384])
 @pytest.mark.parametrize("top_k", [8, 2])
 def test_defaults_are_what_the_kernels_used_before_tables(m, top_k):
-    """The heuristic is triton_ops.moe's choice before tables (pick_block_m over the T*k pairs,
-    gate_up_warps, 128-wide FP8 tiles, Triton's default 3 stages), and runs as it is."""
+    """The heuristic is the kernels' choice before tables (BLOCK_M 16 up to 512 (token, slot) pairs,
+    8 warps for FP8, 128-wide FP8 tiles, Triton's default 3 stages), and runs as it is."""
     bf16 = mc.default_config(160, 192, 5120, m, torch.bfloat16, None, top_k)
     fp8 = mc.default_config(160, 192, 5120, m, FP8, BLOCK, top_k)
     block_m = 16 if m * top_k <= 512 else 64

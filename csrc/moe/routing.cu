@@ -110,12 +110,18 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize) _moe_route_kernel(
     const int gsize = E / a.n_group;
     int32_t* gkey = group_key[warp];
     bool* kept = group_kept[warp];
+    int group[kItems];  // each item's group, -1 past E (divided once, not once per group)
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int e = lane + i * kWarpSize;
+      group[i] = e < E ? e / gsize : -1;
+    }
     for (int g = 0; g < a.n_group; ++g) {  // the group's best two scores (the second may tie the first)
       long long best = pack(kExcluded, 0);
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
         const int e = lane + i * kWarpSize;
-        if (e / gsize == g) best = max(best, pack(key[i], e));
+        if (group[i] == g) best = max(best, pack(key[i], e));
       }
       best = warp_max(best);
       const int first = unpack_index(best);
@@ -123,7 +129,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize) _moe_route_kernel(
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
         const int e = lane + i * kWarpSize;
-        if (e / gsize == g && e != first) second = max(second, pack(key[i], e));
+        if (group[i] == g && e != first) second = max(second, pack(key[i], e));
       }
       second = warp_max(second);
       if (lane == 0) {
@@ -145,8 +151,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize) _moe_route_kernel(
     }
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
-      const int e = lane + i * kWarpSize;
-      if (e < E && !kept[e / gsize]) key[i] = kExcluded;
+      if (group[i] >= 0 && !kept[group[i]]) key[i] = kExcluded;
     }
   }
 

@@ -1,6 +1,7 @@
 """MoE routing (``moe_route``): every backend against an independent per-token Python oracle
 (ids as sets and in order, weights bit for bit), ties, NaN, the GLM-4.5 and Air presets, the
-DeepSeek-V3 grouping, T = 0, the sigmoid over every bf16 value, ``route``'s fp32 router GEMM.
+DeepSeek-V3 grouping, T = 0, awkward sizes, the sigmoid over every bf16 and fp16 value, ``route``'s
+fp32 router GEMM, the benchmark cases; on a GPU, prefill-sized batches and CUDA graphs.
 opcheck, torch.compile, the bad-input tables, empty and non-finite samples and backend agreement
 are the generic contract tests (tests/test_contract.py, tables in glm45_ops/moe/routing.py)."""
 
@@ -12,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import device_backends
+from conftest import cpu_backends, device_backends
 from glm45_ops import moe
 from glm45_ops.config import GLM_4_5, GLM_4_5_AIR
 from glm45_ops.reference import moe_routing as ref
 from glm45_ops.testing import cuda_kernel_differs, outputs_differ, poisoned_outputs
 
 BACKENDS = device_backends()
+GPU_BACKENDS = [p for p in BACKENDS if p[0] == "cuda" and p[1] != "torch"]
 F32 = np.float32
 
 
@@ -199,3 +201,60 @@ def test_cuda_kernel_checks_match_python(gen):
                     (6, (7,)), (256, (8, 8, 4, True, 2.5))]:
         x = torch.randn(2, e, generator=gen)
         assert cuda_kernel_differs(moe.routing._op, (x, None, *args)) is None
+
+
+def test_bench_cases_refcheck():
+    """The benchmark cases build on the CPU ('small' preset) and every CPU backend matches the
+    torch reference on them, as ``glm45-bench moe --refcheck`` checks."""
+    from glm45_ops.bench import cases as cases_mod
+    from glm45_ops.bench.case import BenchContext
+    from glm45_ops.config import preset
+
+    cpu = torch.device("cpu")
+    route_cases = [c for c in cases_mod.load("moe").cases(BenchContext(preset("small"), cpu, (7, 1)))
+                   if c.name.startswith("moe_route")]
+    assert [c.name for c in route_cases] == ["moe_route T=7", "moe_route T=1"]
+    for case in route_cases:
+        inputs = case.inputs(cpu, torch.Generator().manual_seed(0))
+        want = case.run("torch", cpu, *inputs)()
+        for backend in cpu_backends()[1:]:
+            assert outputs_differ(case.run(backend, cpu, *inputs)(), want) is None, f"{case.name} {backend}"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: prefill-sized batches, CUDA graphs
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device,backend", GPU_BACKENDS)
+@pytest.mark.parametrize("cfg", [GLM_4_5, GLM_4_5_AIR], ids=lambda c: c.name)
+def test_gpu_prefill(device, backend, cfg):
+    gen = torch.Generator().manual_seed(cfg.n_routed_experts)
+    e = cfg.n_routed_experts
+    logits = (torch.randn(4097, e, generator=gen) * 2).bfloat16()
+    bias = torch.randn(e, generator=gen) * 0.05
+    args = (cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+    with poisoned_outputs():
+        got = moe.moe_route(logits.cuda(), bias.cuda(), *args, backend=backend)
+    assert outputs_differ(got, ref.moe_route_ref(logits, bias, *args)) is None
+    grouped = (8, 8, 4, True, 2.5)  # DeepSeek-V3's grouping on the same expert count
+    got = moe.moe_route(logits.cuda(), bias.cuda(), *grouped, backend=backend)
+    assert outputs_differ(got, ref.moe_route_ref(logits, bias, *grouped)) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device,backend", GPU_BACKENDS)
+def test_gpu_cuda_graph(device, backend):
+    """The op captures into a CUDA graph (no host sync) and replays recompute from new logits."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 160, generator=gen).bfloat16().cuda()
+    bias = (torch.randn(160, generator=gen) * 0.05).cuda()
+    moe.moe_route(logits, bias, 8, routed_scaling_factor=2.5, backend=backend)  # warm up (Triton compiles)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe.moe_route(logits, bias, 8, routed_scaling_factor=2.5, backend=backend)
+    logits.copy_(torch.randn(64, 160, generator=gen).bfloat16().cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert outputs_differ(out, ref.moe_route_ref(logits.cpu(), bias.cpu(), 8, 1, 1, True, 2.5)) is None

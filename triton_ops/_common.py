@@ -58,6 +58,16 @@ def to_out_dtype(x, DTYPE: tl.constexpr, ROUND_ON_GRID: tl.constexpr):
 
 
 @triton.jit
+def order_key(x, NAN_KEY: tl.constexpr):
+    """fp32 -> int32 whose signed order is x's (-0 == +0), NaN mapped to ``NAN_KEY``: argmax and
+    top-k over the keys are exact integer maxima, the same in any reduction order."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = tl.where(x == 0.0, 0, key)
+    return tl.where(x != x, NAN_KEY, key)
+
+
+@triton.jit
 def as_mask(m):
     """``m`` as a load/store mask whose data is boolean in the interpreter too.
 

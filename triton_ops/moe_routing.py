@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from triton_ops import CompileSpec, interpreting
+from triton_ops._common import order_key
 
 _NAN_KEY = tl.constexpr(-2147483647)
 _EXCLUDED = tl.constexpr(-2147483648)
@@ -23,11 +24,8 @@ _EXCLUDED = tl.constexpr(-2147483648)
 
 @triton.jit
 def _order_key(x):
-    """fp32 -> int32 with x's order: -0 == +0, NaN below -inf (the reference's ``order_key``)."""
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    key = tl.where(x == 0.0, 0, key)
-    return tl.where(x != x, _NAN_KEY, key)
+    """The reference's ``order_key``: x's order, NaN below -inf."""
+    return order_key(x, _NAN_KEY)
 
 
 @triton.jit

@@ -17,18 +17,15 @@ import triton
 import triton.language as tl
 
 from triton_ops import CompileSpec, interpreting
-from triton_ops._common import as_mask
+from triton_ops._common import as_mask, order_key
 
 _INT32_MIN = tl.constexpr(-2147483648)
 
 
 @triton.jit
 def _order_key(x):
-    """fp32 -> int32 whose signed order is x's: -0 == +0, NaN above +inf (torch.argmax's rule)."""
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    key = tl.where(x == 0.0, 0, key)
-    return tl.where(x != x, 0x7FFFFFFF, key)
+    """x's order with NaN above +inf (torch.argmax's rule)."""
+    return order_key(x, 0x7FFFFFFF)
 
 
 @triton.jit

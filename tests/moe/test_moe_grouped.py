@@ -13,6 +13,12 @@ replayed with new offsets (no host sync inside the op).
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -25,6 +31,7 @@ from glm45_ops.reference.quant import FP8_DTYPE
 from glm45_ops.testing import cuda_kernel_differs, poisoned_outputs
 
 OP = registered_ops()["grouped_fp8_block_gemm"]
+ROOT = Path(__file__).resolve().parents[2]
 gpu = pytest.mark.gpu
 
 
@@ -152,6 +159,35 @@ def test_cpp_checks_offset_values_of_cpu_tensors():
     for bad in ([0, 9, 8], [1, 0, 8], [-1, 4, 8]):
         why = cuda_kernel_differs(OP, (a, a_s, b, b_s, torch.tensor(bad, dtype=torch.int32), dt))
         assert why is None, why
+
+
+@pytest.mark.parametrize("unit", ["grouped_gemm_sm90.cu", "grouped_gemm_sm90_fp32.cu"])
+@pytest.mark.parametrize("gencode,refused", [
+    ("arch=compute_90a,code=sm_90a", False),
+    ("arch=compute_90,code=sm_90", True),           # TORCH_CUDA_ARCH_LIST=9.0
+])
+def test_build_for_sm90_without_a_is_refused(unit, gencode, refused):
+    """CUTLASS compiles the kernel body out for plain sm_90 (the op would leave its output
+    unwritten): both units refuse such a build at preprocessing time (seconds, not a build)."""
+    home = os.environ.get("CUDA_HOME")
+    exe = str(Path(home) / "bin" / "nvcc") if home and (Path(home) / "bin" / "nvcc").exists() else shutil.which("nvcc")
+    try:
+        import cutlass_library
+        from torch.utils.cpp_extension import include_paths
+    except ImportError as e:
+        pytest.skip(f"needs nvidia-cutlass and torch's C++ headers: {e}")
+    if exe is None:
+        pytest.skip("no nvcc")
+    cutlass = Path(cutlass_library.__file__).parent / "source"
+    incs = [*include_paths(device_type="cuda"), str(ROOT / "csrc"), str(cutlass / "include"),
+            str(cutlass / "tools" / "util" / "include"), sysconfig.get_paths()["include"]]
+    cmd = [exe, "-E", "-x", "cu", "-std=c++20", "--expt-relaxed-constexpr", f"-gencode={gencode}",
+           *(f"-I{i}" for i in incs), str(ROOT / "csrc" / "moe" / unit), "-o", os.devnull]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if refused:
+        assert run.returncode != 0 and "needs sm_90a, not sm_90" in run.stderr, run.stderr[-2000:]
+    else:
+        assert run.returncode == 0, run.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------

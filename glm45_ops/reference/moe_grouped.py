@@ -1,5 +1,5 @@
-"""Grouped FP8 block-scaled GEMM over expert-contiguous rows (DeepGEMM's "contiguous" layout):
-the numerical definition.
+"""Grouped GEMMs over expert-contiguous rows (DeepGEMM's "contiguous" layout), FP8 block-scaled
+and BF16: the numerical definitions.
 
     out[m, n] = sum_k a[m, k] a_scale[m, k // 128] b[g, n, k] b_scale[g, n // 128, k // 128]
     for offsets[g] <= m < offsets[g + 1]
@@ -41,4 +41,19 @@ def grouped_fp8_block_gemm_ref(
     for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         if hi > lo:
             out[lo:hi] = fp8_block_gemm_ref(a[lo:hi], a_scale[lo:hi], b[g], b_scale[g], out_dtype)
+    return out
+
+
+def grouped_bf16_gemm_ref(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    """The BF16 version: ``a`` bf16 ``[M_total, K]``, ``b`` bf16 ``[G, N, K]``, ``expert_offsets``
+    as above -> bf16 ``[M_total, N]``, ``out[m] = a[m] @ b[g]^T`` in fp32 (the bf16 values are
+    exact there), rounded once into bf16; zero outside every group. NaN and inf propagate as IEEE
+    arithmetic does, so which outputs they make non-finite is part of the contract (each output
+    reads only its row of ``a`` and its row of ``b[g]``), whether as NaN or inf is not (summation
+    order)."""
+    out = torch.zeros((a.shape[0], b.shape[1]), dtype=torch.bfloat16, device=a.device)
+    bounds = expert_offsets.tolist()
+    for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi > lo:
+            out[lo:hi] = (a[lo:hi].float() @ b[g].float().t()).to(torch.bfloat16)
     return out

@@ -24,13 +24,14 @@ import torch
 
 import glm45_ops
 from glm45_ops import gemm, registered_ops
-from glm45_ops.moe import grouped_fp8_block_gemm
-from glm45_ops.moe.grouped import operands
-from glm45_ops.reference.moe_grouped import grouped_fp8_block_gemm_ref
+from glm45_ops.moe import grouped_bf16_gemm, grouped_fp8_block_gemm
+from glm45_ops.moe.grouped import bf16_operands, operands
+from glm45_ops.reference.moe_grouped import grouped_bf16_gemm_ref, grouped_fp8_block_gemm_ref
 from glm45_ops.reference.quant import FP8_DTYPE
 from glm45_ops.testing import cuda_kernel_differs, poisoned_outputs
 
 OP = registered_ops()["grouped_fp8_block_gemm"]
+BF16_OP = registered_ops()["grouped_bf16_gemm"]
 ROOT = Path(__file__).resolve().parents[2]
 gpu = pytest.mark.gpu
 
@@ -113,6 +114,36 @@ def test_offsets_out_of_range_are_refused_on_cpu(gen):
 
 
 # ---------------------------------------------------------------------------------------------
+# BF16 on CPU: the reference against the oracle, Triton against the reference
+# ---------------------------------------------------------------------------------------------
+
+def test_bf16_reference_matches_the_oracle(gen):
+    a, b, off = bf16_operands([5, 0, 3, 1], 24, 192, gen, "cpu", lead=1, tail=2)
+    out = grouped_bf16_gemm_ref(a, b, off)
+    inside = torch.zeros(a.shape[0], dtype=torch.bool)
+    for g, lo, hi in _bounds(off):
+        inside[lo:hi] = True
+        a64, b64 = a[lo:hi].double(), b[g].double()
+        y, s = a64 @ b64.t(), a64.abs() @ b64.abs().t()
+        bound = 2.0**-8 * y.abs() + (1 + 2.0**-8) * (192 + 8) * 2.0**-24 * s
+        assert ((out[lo:hi].double() - y).abs() <= bound).all(), f"group {g}"
+    assert (out[~inside] == 0).all()
+
+
+@pytest.mark.parametrize("sizes,n,k,lead,tail", [
+    ([70, 0, 1, 79], 16, 192, 0, 0),    # several 64-row tiles per group, an empty group
+    ([0, 33, 0], 40, 136, 5, 40),       # padding on both sides, a partial K slice
+    ([3, 3, 3, 3, 3], 8, 64, 0, 0),
+])
+def test_bf16_triton_matches_reference(gen, sizes, n, k, lead, tail):
+    args = bf16_operands(sizes, n, k, gen, "cpu", lead=lead, tail=tail)
+    want = grouped_bf16_gemm(*args, backend="torch")
+    with poisoned_outputs():
+        got = grouped_bf16_gemm(*args, backend="triton")
+    assert BF16_OP.compare(got, want, args) is None
+
+
+# ---------------------------------------------------------------------------------------------
 # No GPU needed: the CUTLASS kernel's C++ checks and can_implement through the CUDA key
 # ---------------------------------------------------------------------------------------------
 
@@ -151,6 +182,24 @@ def test_cpp_checks_and_can_implement(args):
     assert why is None, why
 
 
+BF16_ACCEPTED = [
+    (torch.zeros(m, k, dtype=torch.bfloat16), torch.zeros(1, 1, k, dtype=torch.bfloat16).expand(g, n, k),
+     torch.linspace(0, m, g + 1).round().to(torch.int32))
+    for g in (160, 20) for n, k in ((384, 5120), (5120, 192), (352, 4096), (4096, 176)) for m in (0, 256)
+]
+
+
+@pytest.mark.parametrize("args", BF16_ACCEPTED, ids=[
+    f"G{a[1].shape[0]}-N{a[1].shape[1]}-K{a[1].shape[2]}-M{a[0].shape[0]}" for a in BF16_ACCEPTED])
+def test_bf16_cpp_checks_and_can_implement(args):
+    """GLM-4.5 and Air shapes get past the BF16 kernel's checks and CUTLASS's can_implement."""
+    if not glm45_ops.extension_loaded() or "grouped_bf16_gemm" not in glm45_ops.info()["cuda_kernels"]:
+        pytest.skip("extension without the grouped BF16 GEMM")
+    BF16_OP.check(*BF16_OP.bind(args, {}))
+    why = cuda_kernel_differs(BF16_OP, args)
+    assert why is None, why
+
+
 def test_cpp_checks_offset_values_of_cpu_tensors():
     """The C++ kernel refuses bad offsets of a CPU tensor in Python's words (on CUDA it clamps)."""
     if not glm45_ops.extension_loaded() or "grouped_fp8_block_gemm" not in glm45_ops.info()["cuda_kernels"]:
@@ -161,7 +210,7 @@ def test_cpp_checks_offset_values_of_cpu_tensors():
         assert why is None, why
 
 
-@pytest.mark.parametrize("unit", ["grouped_gemm_sm90.cu", "grouped_gemm_sm90_fp32.cu"])
+@pytest.mark.parametrize("unit", ["grouped_gemm_sm90.cu", "grouped_gemm_sm90_fp32.cu", "grouped_bf16_gemm_sm90.cu"])
 @pytest.mark.parametrize("gencode,refused", [
     ("arch=compute_90a,code=sm_90a", False),
     ("arch=compute_90,code=sm_90", True),           # TORCH_CUDA_ARCH_LIST=9.0
@@ -213,6 +262,20 @@ def test_gpu_matches_the_oracle(groups, n, k, out_dtype):
         with poisoned_outputs():
             got = grouped_fp8_block_gemm(*args, backend=backend)
         assert OP.compare(got, want, OP.bind(args, {})) is None, backend
+
+
+@gpu
+@pytest.mark.parametrize("groups,n,k", [(20, 384, 5120), (20, 5120, 192), (160, 352, 4096)])
+def test_gpu_bf16_matches_the_oracle(groups, n, k):
+    gen = torch.Generator(device="cpu").manual_seed(groups * n + k)
+    sizes = torch.randint(0, 300, (groups,), generator=gen)
+    sizes[::5] = 0
+    args = bf16_operands(sizes.tolist(), n, k, gen, "cuda", lead=3, tail=17)
+    want = grouped_bf16_gemm(*args, backend="torch")
+    for backend in [b for b in ("triton", "cuda") if b in BF16_OP.backends(torch.device("cuda"))]:
+        with poisoned_outputs():
+            got = grouped_bf16_gemm(*args, backend=backend)
+        assert BF16_OP.compare(got, want, args) is None, backend
 
 
 @gpu

@@ -151,9 +151,14 @@ def test_tp_shards_keep_the_checkpoint_and_sum_to_the_layer(gen, device, backend
 
     h, e, k, t = 128, 3, 2, 5
     x, w13, w2, wts, ids = make(t, h, inter, e, k, torch.float32, gen)
-    # scale blocks three decades apart, so a column paired with a neighbouring block's scale shows
-    w13 = w13 * torch.logspace(-1.5, 1.5, 2 * inter)[torch.randperm(2 * inter, generator=gen)][:, None]
-    w2 = w2 * torch.logspace(-1.5, 1.5, inter)[torch.randperm(inter, generator=gen)]
+    # every 64-wide chunk (half a scale block: shard boundaries fall at multiples of 16) at its own
+    # magnitude, three decades apart, so a column paired with a neighbouring block's scale shows
+    def chunked(n):
+        chunks = -(-n // 64)
+        return torch.logspace(-1.5, 1.5, chunks)[torch.randperm(chunks, generator=gen)].repeat_interleave(64)[:n]
+
+    w13 = w13 * chunked(2 * inter)[:, None]
+    w2 = w2 * chunked(inter)
     (q13, s13), (q2, s2) = per_block_quant_fp8(w13), per_block_quant_fp8(w2)
     full13, full2 = dequant_fp8(q13, s13, 128, 128, torch.float32), dequant_fp8(q2, s2, 128, 128, torch.float32)
     width = inter // tp

@@ -46,3 +46,19 @@ def device_backends() -> list[tuple[str, str]]:
     if torch.cuda.is_available():
         pairs += [("cuda", "torch"), ("cuda", "triton"), ("cuda", "cuda")]
     return pairs
+
+
+def run_processes(worker, world: int, args: tuple, timeout_s: float, what: str) -> None:
+    """Spawn ``world`` processes running ``worker(rank, *args)`` and wait for all of them; kill
+    them and fail (instead of hanging the suite) when they outlast ``timeout_s``."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{what} with {world} processes did not finish in {timeout_s} s")

@@ -5,14 +5,13 @@ the Triton backend, determinism, and the checks that run before any communicatio
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import run_processes
 from glm45_ops import moe
 from glm45_ops.moe import ep
 from glm45_ops.moe.fused import _fused_op
@@ -126,14 +125,7 @@ def _worker(rank, world, init_file, cases):
 
 
 def _spawn(world, tmp_path, cases):
-    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "init"), cases), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + DIST_TIMEOUT_S
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"expert parallelism with {world} processes did not finish in {DIST_TIMEOUT_S} s")
+    run_processes(_worker, world, (world, str(tmp_path / "init"), cases), DIST_TIMEOUT_S, "expert parallelism")
 
 
 @pytest.mark.parametrize("world", [2, 4])

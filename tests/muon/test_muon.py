@@ -7,16 +7,14 @@ of the op (under each forced backend), the bad-input table, empty and non-finite
 from __future__ import annotations
 
 import io
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns
 
-from conftest import cpu_backends, device_backends
+from conftest import cpu_backends, device_backends, run_processes
 from glm45_ops import muon
 from glm45_ops.reference.muon import PRESETS, newton_schulz_ref, ns_schedule
 from glm45_ops.testing import assert_bit_equal, one_thread, poison
@@ -469,16 +467,8 @@ def test_distributed_equals_single_process(gen, tmp_path, world, fsdp):
     params0, grads = _params_and_grads(gen, [(24, 40), (5, 16, 24), (40, 24), (8, 8)], 2)
     kwargs = dict(lr=0.02, adjust_lr_fn="match_rms_adamw")
     want, _ = _run(muon.Muon, params0, grads, **kwargs)
-    ctx = mp.start_processes(
-        _dist_worker, args=(world, str(tmp_path / "init"), params0, grads, kwargs, want, fsdp),
-        nprocs=world, join=False, start_method="spawn",
-    )
-    deadline = time.monotonic() + DIST_TIMEOUT_S
-    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"distributed Muon with {world} processes did not finish in {DIST_TIMEOUT_S} s")
+    run_processes(_dist_worker, world, (world, str(tmp_path / "init"), params0, grads, kwargs, want, fsdp),
+                  DIST_TIMEOUT_S, "distributed Muon")
 
 
 # ---------------------------------------------------------------------------------------------

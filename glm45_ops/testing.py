@@ -17,6 +17,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -147,3 +152,31 @@ def cuda_kernel_differs(op: "_registry.Op", args: tuple, kwargs: dict | None = N
     if type(got) is type(want) and str(got) == str(want):
         return None
     return f"C++ raised {type(got).__name__}: {got}\nPython raised {type(want).__name__}: {want}"
+
+
+def check_sm90a_refusal(source: Path, gencode: str, refused: bool) -> None:
+    """Preprocesses the CUTLASS unit ``source`` (``csrc/<family>/<unit>.cu``, including from
+    ``csrc/``) for nvcc's ``gencode``: it must stop at its "needs sm_90a, not sm_90" #error exactly
+    when ``refused``. Preprocessing shows it in seconds, not the minutes and 8 GB of a build.
+    Skips the calling test without nvcc, nvidia-cutlass or torch's C++ headers."""
+    import pytest  # here: the package itself does not need pytest
+
+    home = os.environ.get("CUDA_HOME")
+    exe = str(Path(home) / "bin" / "nvcc") if home and (Path(home) / "bin" / "nvcc").exists() else shutil.which("nvcc")
+    try:
+        import cutlass_library
+        from torch.utils.cpp_extension import include_paths
+    except ImportError as e:
+        pytest.skip(f"needs nvidia-cutlass and torch's C++ headers: {e}")
+    if exe is None:
+        pytest.skip("no nvcc")
+    cutlass = Path(cutlass_library.__file__).parent / "source"
+    incs = [*include_paths(device_type="cuda"), str(source.parents[1]), str(cutlass / "include"),
+            str(cutlass / "tools" / "util" / "include"), sysconfig.get_paths()["include"]]
+    cmd = [exe, "-E", "-x", "cu", "-std=c++20", "--expt-relaxed-constexpr", f"-gencode={gencode}",
+           *(f"-I{i}" for i in incs), str(source), "-o", os.devnull]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if refused:
+        assert run.returncode != 0 and "needs sm_90a, not sm_90" in run.stderr, run.stderr[-2000:]
+    else:
+        assert run.returncode == 0, run.stderr[-2000:]

@@ -51,6 +51,26 @@ def _promote_slice(acc, a_ptrs, b_ptrs, a_s_ptrs, b_s_ptrs, mask_a, mask_b, mask
 
 
 @triton.jit
+def _promote_k(acc, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, K, stride_ask, stride_bsk, offs_k, mask_m, mask_n,
+               BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, DECODE_NAN: tl.constexpr):
+    """``acc`` plus the whole K loop of one tile (the dense and the grouped FP8 kernels'): the full
+    K slices without a K mask (the hot loop), then the partial last slice, if any, with its columns
+    past K loaded as zeros: still one promotion per scale block."""
+    full = K // BLOCK_K
+    for kb in tl.range(0, full, num_stages=NUM_STAGES):
+        acc = _promote_slice(acc, a_ptrs, b_ptrs, as_ptrs + kb * stride_ask, bs_ptrs + kb * stride_bsk,
+                             mask_m[:, None], mask_n[None, :], mask_m, mask_n, DECODE_NAN)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    tail = K - full * BLOCK_K
+    if tail > 0:
+        acc = _promote_slice(acc, a_ptrs, b_ptrs, as_ptrs + full * stride_ask, bs_ptrs + full * stride_bsk,
+                             mask_m[:, None] & (offs_k < tail)[None, :], (offs_k < tail)[:, None] & mask_n[None, :],
+                             mask_m, mask_n, DECODE_NAN)
+    return acc
+
+
+@triton.jit
 def _fp8_block_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,
     M, N, K,
@@ -78,21 +98,8 @@ def _fp8_block_gemm_kernel(
     as_ptrs = as_ptr + offs_m * stride_asm
     bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * stride_bsn
 
-    # Full K slices without a K mask (the hot loop), then the partial last slice, if any, with
-    # its columns past K loaded as zeros: still one promotion per scale block.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    full = K // BLOCK_K
-    for kb in tl.range(0, full, num_stages=NUM_STAGES):
-        acc = _promote_slice(acc, a_ptrs, b_ptrs, as_ptrs + kb * stride_ask, bs_ptrs + kb * stride_bsk,
-                             mask_m[:, None], mask_n[None, :], mask_m, mask_n, ROUND_ON_GRID)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    tail = K - full * BLOCK_K
-    if tail > 0:
-        acc = _promote_slice(acc, a_ptrs, b_ptrs, as_ptrs + full * stride_ask, bs_ptrs + full * stride_bsk,
-                             mask_m[:, None] & (offs_k < tail)[None, :], (offs_k < tail)[:, None] & mask_n[None, :],
-                             mask_m, mask_n, ROUND_ON_GRID)
-
+    acc = _promote_k(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptrs, b_ptrs, as_ptrs, bs_ptrs, K,
+                     stride_ask, stride_bsk, offs_k, mask_m, mask_n, BLOCK_K, NUM_STAGES, ROUND_ON_GRID)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, to_out_dtype(acc, c_ptr.dtype.element_ty, ROUND_ON_GRID), mask=mask_m[:, None] & mask_n[None, :])
 

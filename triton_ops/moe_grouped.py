@@ -15,7 +15,7 @@ outside every group, which the GEMM tiles never write. Each group's bounds are c
 the CUDA kernel does, so bad device offsets cannot address outside the tensors (the rows they
 compute are then unspecified).
 
-Within an FP8 tile, the K loop is the dense kernel's (``triton_ops.gemm._promote_slice``): one fp8
+Within an FP8 tile, the K loop is the dense kernel's (``triton_ops.gemm._promote_k``): one fp8
 ``tl.dot`` per 128-wide K slice into a fresh fp32 partial, promoted with ``a_scale * b_scale``,
 a partial last slice loaded with its columns past K as zeros. The BF16 kernel accumulates its
 bf16 ``tl.dot`` s in fp32 directly, K masked in every slice.
@@ -31,7 +31,7 @@ import triton.language as tl
 
 from triton_ops import CompileSpec, interpreting
 from triton_ops._common import to_out_dtype
-from triton_ops.gemm import _promote_slice
+from triton_ops.gemm import _promote_k
 
 BLOCK_K = 128  # = the scale granularity along K: one promotion per K block
 BF16_BLOCK_K = 64  # bf16: 128-byte K rows per tile, as the FP8 kernel's 128 e4m3 values
@@ -59,6 +59,29 @@ def _group_tile(off_ptr, M, G, pid_m, BLOCK_M: tl.constexpr, BLOCK_G: tl.constex
 
 
 @triton.jit
+def _program_tile(M, N, G, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(pid_m, gemm_tiles, offs_n, mask_n)`` of this program: row tiles ``pid_m < gemm_tiles``
+    are GEMM tiles (``_tile_operands``), the others zero rows (``_zero_outside``)."""
+    pid_m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, tl.cdiv(M, BLOCK_M) + G, offs_n, offs_n < N
+
+
+@triton.jit
+def _tile_operands(a_ptr, b_ptr, off_ptr, M, G, pid_m, offs_n, stride_am, stride_bg, stride_bn,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+    """``(valid, g, offs_m, mask_m, offs_k, a_ptrs, b_ptrs)`` of GEMM row tile ``pid_m``: its group,
+    rows, and the first K slice of a ``[BLOCK_M, BLOCK_K]`` and of the ``[BLOCK_K, BLOCK_N]`` view
+    of ``b[g]^T`` (meaningless where ``valid`` is False: past the last tile)."""
+    valid, g, row0, row_end = _group_tile(off_ptr, M, G, pid_m, BLOCK_M, BLOCK_G)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + g.to(tl.int64) * stride_bg + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
+    return valid, g, offs_m, offs_m < row_end, offs_k, a_ptrs, b_ptrs
+
+
+@triton.jit
 def _zero_outside(off_ptr, c_ptr, M, G, tile, offs_n, mask_n, stride_cm, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     """Zero row tile ``tile``'s rows outside every group (before offsets[0], from offsets[G])."""
@@ -79,35 +102,15 @@ def _grouped_fp8_block_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
     NUM_STAGES: tl.constexpr, ROUND_ON_GRID: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    gemm_tiles = tl.cdiv(M, BLOCK_M) + G
+    pid_m, gemm_tiles, offs_n, mask_n = _program_tile(M, N, G, BLOCK_M, BLOCK_N)
     if pid_m < gemm_tiles:
-        valid, g, row0, row_end = _group_tile(off_ptr, M, G, pid_m, BLOCK_M, BLOCK_G)
+        valid, g, offs_m, mask_m, offs_k, a_ptrs, b_ptrs = _tile_operands(
+            a_ptr, b_ptr, off_ptr, M, G, pid_m, offs_n, stride_am, stride_bg, stride_bn, BLOCK_M, BLOCK_K, BLOCK_G)
         if valid:
-            offs_m = row0 + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < row_end
-            offs_k = tl.arange(0, BLOCK_K)
-            a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
-            b_ptrs = (b_ptr + g.to(tl.int64) * stride_bg + offs_n.to(tl.int64)[None, :] * stride_bn
-                      + offs_k[:, None])  # [BLOCK_K, BLOCK_N] view of b[g]^T
             as_ptrs = as_ptr + offs_m.to(tl.int64) * stride_asm
             bs_ptrs = bs_ptr + g.to(tl.int64) * stride_bsg + (offs_n // BLOCK_K) * stride_bsn
-
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            full = K // BLOCK_K
-            for kb in tl.range(0, full, num_stages=NUM_STAGES):
-                acc = _promote_slice(acc, a_ptrs, b_ptrs, as_ptrs + kb * stride_ask, bs_ptrs + kb * stride_bsk,
-                                     mask_m[:, None], mask_n[None, :], mask_m, mask_n, ROUND_ON_GRID)
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K
-            tail = K - full * BLOCK_K
-            if tail > 0:
-                acc = _promote_slice(acc, a_ptrs, b_ptrs, as_ptrs + full * stride_ask, bs_ptrs + full * stride_bsk,
-                                     mask_m[:, None] & (offs_k < tail)[None, :],
-                                     (offs_k < tail)[:, None] & mask_n[None, :], mask_m, mask_n, ROUND_ON_GRID)
+            acc = _promote_k(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptrs, b_ptrs, as_ptrs, bs_ptrs, K,
+                             stride_ask, stride_bsk, offs_k, mask_m, mask_n, BLOCK_K, NUM_STAGES, ROUND_ON_GRID)
             c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
             tl.store(c_ptrs, to_out_dtype(acc, c_ptr.dtype.element_ty, ROUND_ON_GRID),
                      mask=mask_m[:, None] & mask_n[None, :])
@@ -123,19 +126,11 @@ def _grouped_bf16_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
     NUM_STAGES: tl.constexpr, ROUND_ON_GRID: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    gemm_tiles = tl.cdiv(M, BLOCK_M) + G
+    pid_m, gemm_tiles, offs_n, mask_n = _program_tile(M, N, G, BLOCK_M, BLOCK_N)
     if pid_m < gemm_tiles:
-        valid, g, row0, row_end = _group_tile(off_ptr, M, G, pid_m, BLOCK_M, BLOCK_G)
+        valid, g, offs_m, mask_m, offs_k, a_ptrs, b_ptrs = _tile_operands(
+            a_ptr, b_ptr, off_ptr, M, G, pid_m, offs_n, stride_am, stride_bg, stride_bn, BLOCK_M, BLOCK_K, BLOCK_G)
         if valid:
-            offs_m = row0 + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < row_end
-            offs_k = tl.arange(0, BLOCK_K)
-            a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
-            b_ptrs = b_ptr + g.to(tl.int64) * stride_bg + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
                 in_k = (k0 + offs_k) < K

@@ -73,6 +73,8 @@
 #include "cutlass/kernel_hardware_info.h"
 #include "cutlass/numeric_types.h"
 #include "cutlass/util/packed_stride.hpp"
+
+#include "common/cutlass_run.cuh"
 #endif
 
 namespace glm45 {
@@ -176,13 +178,6 @@ Layout k_major_scales(int mn, int k_blocks, int ld) {
                      make_stride(make_stride(_0{}, ld), make_stride(_0{}, _1{}), ld * blocks));
 }
 
-int sm_count(int device) {
-  static int cached[64] = {};
-  if (device < 0 || device >= 64) return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
-  if (!cached[device]) cached[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
-  return cached[device];
-}
-
 template <class Config>
 typename Config::Gemm::Arguments make_arguments(const Problem& p, const cutlass::KernelHardwareInfo& hw) {
   using Gemm = typename Config::Gemm;
@@ -238,22 +233,8 @@ void check_can_implement(const Problem& p) {
 
 template <class Config>
 void run(const Problem& p, int device, cudaStream_t stream) {
-  using Gemm = typename Config::Gemm;
-  cutlass::KernelHardwareInfo hw;
-  hw.device_id = device;
-  hw.sm_count = sm_count(device);
-  typename Gemm::Arguments args = make_arguments<Config>(p, hw);
-
-  Gemm gemm;
-  // Stream-K's partial-tile workspace, from the caching allocator on this stream (no sync)
-  at::Tensor workspace = at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
-                                   at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
-  cutlass::Status st = gemm.initialize(args, workspace.data_ptr(), stream);
-  TORCH_CHECK(st == cutlass::Status::kSuccess, "fp8_block_gemm: CUTLASS initialize failed: ",
-              cutlassGetStatusString(st));
-  st = gemm.run(stream);
-  TORCH_CHECK(st == cutlass::Status::kSuccess, "fp8_block_gemm: CUTLASS run failed: ", cutlassGetStatusString(st));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  run_cutlass_gemm<typename Config::Gemm>(make_arguments<Config>(p, hardware_info(device)), device, stream,
+                                         "fp8_block_gemm");
 }
 
 // f.template operator()<Config>() with the kernel configuration for this output dtype and M, and

@@ -17,13 +17,12 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <set>
-#include <string>
 
 #include <cuda_runtime.h>
 
 #include "common/checks.h"
 #include "cutlass/arch/config.h"
+#include "moe/grouped_common.cuh"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "grouped_bf16_gemm_sm90.cu needs sm_90a, not sm_90: build with TORCH_CUDA_ARCH_LIST=9.0a"
@@ -113,12 +112,11 @@ struct Bf16Arrays {
 // group (which the GEMM never writes). Bounds clamped into [0, M_total], hi at least lo.
 __global__ void grouped_bf16_prepare(Bf16Arrays arr, Bf16Launch p, Cfg::StrideA sa, Cfg::StrideB sb,
                                      Cfg::StrideD sd) {
-  const auto clamp_to = [&](int v, int lo) { return min(max(v, lo), p.m_total); };
   if (int(blockIdx.x) < p.groups) {
     if (threadIdx.x != 0) return;
     const int g = blockIdx.x;
-    const int lo = clamp_to(p.offsets[g], 0);
-    const int hi = clamp_to(p.offsets[g + 1], lo);
+    const int lo = grouped::clamp_row(p.offsets[g], 0, p.m_total);
+    const int hi = grouped::clamp_row(p.offsets[g + 1], lo, p.m_total);
     arr.shapes[g] = Cfg::Shape3(hi - lo, p.n, p.k);
     arr.a[g] = p.a + int64_t(lo) * p.lda;
     arr.b[g] = p.b + int64_t(g) * p.b_group_stride;
@@ -128,22 +126,7 @@ __global__ void grouped_bf16_prepare(Bf16Arrays arr, Bf16Launch p, Cfg::StrideA 
     arr.stride_d[g] = sd;
     return;
   }
-  const int first = clamp_to(p.offsets[0], 0);
-  const int last = clamp_to(p.offsets[p.groups], first);
-  const int outside = first + (p.m_total - last);
-  const int64_t vecs = int64_t(p.n) * sizeof(Cfg::Element) / sizeof(uint4);  // n % 8 == 0: whole vectors
-  for (int j = blockIdx.x - p.groups; j < outside; j += gridDim.x - p.groups) {
-    const int row = j < first ? j : last + (j - first);
-    uint4* out = reinterpret_cast<uint4*>(p.d + int64_t(row) * p.n);
-    for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x) out[v] = make_uint4(0, 0, 0, 0);
-  }
-}
-
-int sm_count(int device) {
-  static int cached[64] = {};
-  if (device < 0 || device >= 64) return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
-  if (!cached[device]) cached[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
-  return cached[device];
+  grouped::zero_outside_groups(p.d, p.offsets, p.groups, p.m_total, p.n);  // n % 8 == 0: whole 16-byte rows
 }
 
 Cfg::Gemm::Arguments make_arguments(const Bf16Arrays& arr, int groups, Cfg::Shape3* host_shapes,
@@ -153,19 +136,9 @@ Cfg::Gemm::Arguments make_arguments(const Bf16Arrays& arr, int groups, Cfg::Shap
                             {arr.a, arr.stride_a, arr.b, arr.stride_b},
                             {{}, nullptr, nullptr, arr.d, arr.stride_d},
                             hw};
-  auto& fusion = args.epilogue.thread;
-  fusion.alpha = 1.0f;
-  fusion.beta = 0.0f;
-  fusion.alpha_ptr = nullptr;
-  fusion.beta_ptr = nullptr;
-  fusion.alpha_ptr_array = nullptr;
-  fusion.beta_ptr_array = nullptr;
-  fusion.dAlpha = {_0{}, _0{}, 0};
-  fusion.dBeta = {_0{}, _0{}, 0};
+  grouped::plain_epilogue(args.epilogue.thread);
   return args;
 }
-
-size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 #endif  // CUTLASS_ARCH_MMA_SM90_SUPPORTED
 
 // ---------------------------------------------------------------------------------------------
@@ -173,41 +146,13 @@ size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 // ---------------------------------------------------------------------------------------------
 
 void check_grouped_bf16(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
-  check_dtype("a", a, {at::kBFloat16}, "bfloat16");
-  TORCH_CHECK_VALUE(a.dim() == 2, "a must be 2-D, got shape ", py_tuple(a.sizes()));
-  TORCH_CHECK_VALUE(a.stride(1) == 1 && stride_multiple(a, 0, kAlign),
-                    "a must have a unit last stride and a row stride that is a multiple of ", kAlign,
-                    " (TMA), got strides ", py_tuple(a.strides()));
-  check_dtype("b", b, {at::kBFloat16}, "bfloat16");
-  TORCH_CHECK_VALUE(b.dim() == 3, "b must be 3-D [G, N, K], got shape ", py_tuple(b.sizes()));
-  TORCH_CHECK_VALUE(b.stride(2) == 1 && stride_multiple(b, 0, kAlign) && stride_multiple(b, 1, kAlign),
-                    "b must have a unit last stride and other strides that are multiples of ", kAlign,
-                    " (TMA), got strides ", py_tuple(b.strides()));
-  const int64_t m = a.size(0), k = a.size(1), g = b.size(0), n = b.size(1);
-  TORCH_CHECK_VALUE(b.size(2) == k, "a [M, K] and b [G, N, K] must share K, got a ", py_tuple(a.sizes()), " and b ",
-                    py_tuple(b.sizes()));
-  TORCH_CHECK_VALUE(k > 0 && k % kAlign == 0, "K (a.shape[1] = ", k, ") must be a positive multiple of ", kAlign,
-                    " (TMA)");
-  TORCH_CHECK_VALUE(g > 0, "b must have at least one group (G >= 1)");
+  grouped::check_operands(a, b, at::kBFloat16, "bfloat16", kAlign, kAlign);
+  const int64_t n = b.size(1);
   TORCH_CHECK_VALUE(n > 0 && n % kAlign == 0, "N (b.shape[1] = ", n, ") must be a positive multiple of ", kAlign,
                     " (TMA)");
-  check_dtype("expert_offsets", offsets, {at::kInt}, "int32");
-  TORCH_CHECK_VALUE(offsets.sizes() == c10::IntArrayRef({g + 1}), "expert_offsets must have shape ",
-                    py_tuple({g + 1}), ", got ", py_tuple(offsets.sizes()));
-  std::set<std::string> devices;
-  for (const at::Tensor* t : {&a, &b, &offsets}) devices.insert(t->device().str());
-  TORCH_CHECK_VALUE(devices.size() == 1, "a, b and expert_offsets must be on one device, got ",
-                    py_str_list({devices.begin(), devices.end()}));
-  if (offsets.is_cpu()) {  // values cost a host sync on the device: checked on CPU tensors only
-    const at::Tensor o = offsets.contiguous();
-    const int32_t* v = o.data_ptr<int32_t>();
-    int64_t prev = 0;
-    for (int64_t i = 0; i <= g; ++i) {
-      TORCH_CHECK_VALUE(v[i] >= prev && v[i] <= m, "expert_offsets must be nondecreasing within [0, M_total = ", m,
-                        "], got expert_offsets[", i, "] = ", v[i]);
-      prev = v[i];
-    }
-  }
+  grouped::check_offsets_shape(offsets, b.size(0));
+  grouped::check_one_device({&a, &b, &offsets}, "a, b and expert_offsets");
+  grouped::check_offsets_values(offsets, a.size(0));
 }
 
 at::Tensor grouped_bf16_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& expert_offsets) {
@@ -216,12 +161,9 @@ at::Tensor grouped_bf16_gemm(const at::Tensor& a, const at::Tensor& b, const at:
   TORCH_CHECK(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX && g < INT32_MAX,
               "grouped_bf16_gemm: M, N, K and G must fit in int32, got M=", m, " N=", n, " K=", k, " G=", g);
 #if defined(CUTLASS_ARCH_MMA_SM90_SUPPORTED)
-  {
-    Cfg::Shape3 host_shape(128, int(n), int(k));  // one representative group: N and K alignment
-    const Bf16Arrays none{};
-    TORCH_CHECK(Cfg::Gemm::can_implement(make_arguments(none, 1, &host_shape, {})) == cutlass::Status::kSuccess,
-                "grouped_bf16_gemm: CUTLASS cannot implement N=", n, " K=", k);
-  }
+  grouped::check_can_implement<Cfg>(128, int(n), int(k), "grouped_bf16_gemm", [](Cfg::Shape3* host_shapes) {
+    return make_arguments(Bf16Arrays{}, 1, host_shapes, {});
+  });
 #endif
   check_cuda("a", a);
   const c10::cuda::CUDAGuard guard(a.device());
@@ -229,12 +171,7 @@ at::Tensor grouped_bf16_gemm(const at::Tensor& a, const at::Tensor& b, const at:
   if (m == 0) return out;
 #if defined(CUTLASS_ARCH_MMA_SM90_SUPPORTED)
   const int device = a.get_device();
-  int major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  TORCH_CHECK(major == 9 && minor == 0,
-              "grouped_bf16_gemm's CUDA kernel is built for sm_90a (H100/H200), this GPU is sm_", major, minor,
-              ": use backend='triton'");
+  grouped::check_sm90a(device, "grouped_bf16_gemm");
   // TMA reads in place when bases are 16-byte aligned and rows distinct; otherwise from a copy
   const bool a_ok = aligned16(a) && (m <= 1 || a.stride(0) >= k);
   const at::Tensor a_ = a_ok ? a : a.clone(at::MemoryFormat::Contiguous);
@@ -248,48 +185,28 @@ at::Tensor grouped_bf16_gemm(const at::Tensor& a, const at::Tensor& b, const at:
                offsets.data_ptr<int32_t>(), static_cast<Cfg::Element*>(out.data_ptr())};
   p.b_group_stride = g <= 1 ? n * p.ldb : b_.stride(0);
 
-  size_t bytes = 0;
-  const auto take = [&](size_t each, int64_t count) {
-    const size_t at = bytes;
-    bytes += align16(each * size_t(count));
-    return at;
-  };
-  const size_t o_shapes = take(sizeof(Cfg::Shape3), g);
-  const size_t o_ptrs = take(sizeof(void*), 3 * g);
-  const size_t o_sa = take(sizeof(Cfg::StrideA), g);
-  const size_t o_sb = take(sizeof(Cfg::StrideB), g);
-  const size_t o_sd = take(sizeof(Cfg::StrideD), g);
-  at::Tensor meta = at::empty({int64_t(bytes)}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
-  char* base = static_cast<char*>(meta.data_ptr());
-  const auto ptr_array = [&](int i) { return base + o_ptrs + size_t(i) * g * sizeof(void*); };
-  Bf16Arrays arr{reinterpret_cast<Cfg::Shape3*>(base + o_shapes),
+  grouped::DeviceArena meta;
+  const size_t o_shapes = meta.take(sizeof(Cfg::Shape3), g);
+  const size_t o_ptrs = meta.take(sizeof(void*), 3 * g);
+  const size_t o_sa = meta.take(sizeof(Cfg::StrideA), g);
+  const size_t o_sb = meta.take(sizeof(Cfg::StrideB), g);
+  const size_t o_sd = meta.take(sizeof(Cfg::StrideD), g);
+  meta.allocate(device);
+  // three pointer arrays of g entries each: a, b, d
+  const auto ptr_array = [&](int i) { return meta.ptr<char>(o_ptrs + size_t(i) * g * sizeof(void*)); };
+  Bf16Arrays arr{meta.ptr<Cfg::Shape3>(o_shapes),
                  reinterpret_cast<const Cfg::Element**>(ptr_array(0)),
                  reinterpret_cast<const Cfg::Element**>(ptr_array(1)),
                  reinterpret_cast<Cfg::Element**>(ptr_array(2)),
-                 reinterpret_cast<Cfg::StrideA*>(base + o_sa),
-                 reinterpret_cast<Cfg::StrideB*>(base + o_sb),
-                 reinterpret_cast<Cfg::StrideD*>(base + o_sd)};
-  auto sa = cutlass::make_cute_packed_stride(Cfg::StrideA{}, make_shape(1, int(k), 1));
-  auto sb = cutlass::make_cute_packed_stride(Cfg::StrideB{}, make_shape(int(n), int(k), 1));
-  auto sd = cutlass::make_cute_packed_stride(Cfg::StrideD{}, make_shape(1, int(n), 1));
-  get<0>(sa) = p.lda;
-  get<0>(sb) = p.ldb;
-  grouped_bf16_prepare<<<int(g) + 32, 256, 0, stream>>>(arr, p, sa, sb, sd);
+                 meta.ptr<Cfg::StrideA>(o_sa),
+                 meta.ptr<Cfg::StrideB>(o_sb),
+                 meta.ptr<Cfg::StrideD>(o_sd)};
+  const grouped::GroupStrides<Cfg> st(int(n), int(k), p.lda, p.ldb);
+  grouped_bf16_prepare<<<int(g) + grouped::kZeroBlocks, grouped::kPrepareThreads, 0, stream>>>(arr, p, st.a, st.b,
+                                                                                               st.d);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  cutlass::KernelHardwareInfo hw;
-  hw.device_id = device;
-  hw.sm_count = sm_count(device);
-  Cfg::Gemm::Arguments args = make_arguments(arr, int(g), nullptr, hw);
-  Cfg::Gemm gemm;
-  at::Tensor workspace = at::empty({static_cast<int64_t>(Cfg::Gemm::get_workspace_size(args))},
-                                   at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
-  cutlass::Status st = gemm.initialize(args, workspace.data_ptr(), stream);
-  TORCH_CHECK(st == cutlass::Status::kSuccess, "grouped_bf16_gemm: CUTLASS initialize failed: ",
-              cutlassGetStatusString(st));
-  st = gemm.run(stream);
-  TORCH_CHECK(st == cutlass::Status::kSuccess, "grouped_bf16_gemm: CUTLASS run failed: ", cutlassGetStatusString(st));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  run_cutlass_gemm<Cfg::Gemm>(make_arguments(arr, int(g), nullptr, hardware_info(device)), device, stream,
+                              "grouped_bf16_gemm");
   return out;
 #else
   TORCH_CHECK(false, "grouped_bf16_gemm: glm45_ops._C was built without CUTLASS SM90 support (needs CUDA >= 12)");

@@ -24,11 +24,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <set>
-#include <string>
-#include <vector>
 
 #include "common/checks.h"
+#include "moe/grouped_common.cuh"
 
 GLM45_DEFINE_GROUPED_GEMM(grouped_fp8_gemm_sm90_bf16, cutlass::bfloat16_t)
 
@@ -47,22 +45,8 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 void check_grouped(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b, const at::Tensor& b_scale,
                    const at::Tensor& offsets, at::ScalarType out_dtype) {
-  check_dtype("a", a, {at::kFloat8_e4m3fn}, "float8_e4m3fn");
-  TORCH_CHECK_VALUE(a.dim() == 2, "a must be 2-D, got shape ", py_tuple(a.sizes()));
-  TORCH_CHECK_VALUE(a.stride(1) == 1 && stride_multiple(a, 0, kAlignBytes),
-                    "a must have a unit last stride and a row stride that is a multiple of ", kAlignBytes,
-                    " (TMA), got strides ", py_tuple(a.strides()));
-  check_dtype("b", b, {at::kFloat8_e4m3fn}, "float8_e4m3fn");
-  TORCH_CHECK_VALUE(b.dim() == 3, "b must be 3-D [G, N, K], got shape ", py_tuple(b.sizes()));
-  TORCH_CHECK_VALUE(b.stride(2) == 1 && stride_multiple(b, 0, kAlignBytes) && stride_multiple(b, 1, kAlignBytes),
-                    "b must have a unit last stride and other strides that are multiples of ", kAlignBytes,
-                    " (TMA), got strides ", py_tuple(b.strides()));
+  grouped::check_operands(a, b, at::kFloat8_e4m3fn, "float8_e4m3fn", kAlignBytes, kKAlign);
   const int64_t m = a.size(0), k = a.size(1), g = b.size(0), n = b.size(1);
-  TORCH_CHECK_VALUE(b.size(2) == k, "a [M, K] and b [G, N, K] must share K, got a ", py_tuple(a.sizes()), " and b ",
-                    py_tuple(b.sizes()));
-  TORCH_CHECK_VALUE(k > 0 && k % kKAlign == 0, "K (a.shape[1] = ", k, ") must be a positive multiple of ", kKAlign,
-                    " (TMA)");
-  TORCH_CHECK_VALUE(g > 0, "b must have at least one group (G >= 1)");
   TORCH_CHECK_VALUE(n > 0, "b must have at least one row per group (N >= 1)");
   const int64_t kb = cdiv(k, kBlock);
   check_dtype("a_scale", a_scale, {at::kFloat}, "float32");
@@ -72,24 +56,10 @@ void check_grouped(const at::Tensor& a, const at::Tensor& a_scale, const at::Ten
   const int64_t nb = cdiv(n, kBlock);
   TORCH_CHECK_VALUE(b_scale.sizes() == c10::IntArrayRef({g, nb, kb}), "b_scale must have shape ",
                     py_tuple({g, nb, kb}), ", got ", py_tuple(b_scale.sizes()));
-  check_dtype("expert_offsets", offsets, {at::kInt}, "int32");
-  TORCH_CHECK_VALUE(offsets.sizes() == c10::IntArrayRef({g + 1}), "expert_offsets must have shape ",
-                    py_tuple({g + 1}), ", got ", py_tuple(offsets.sizes()));
+  grouped::check_offsets_shape(offsets, g);
   check_dtype("out_dtype", out_dtype, {at::kBFloat16, at::kFloat}, "bfloat16 or float32");
-  std::set<std::string> devices;
-  for (const at::Tensor* t : {&a, &a_scale, &b, &b_scale, &offsets}) devices.insert(t->device().str());
-  TORCH_CHECK_VALUE(devices.size() == 1, "a, a_scale, b, b_scale and expert_offsets must be on one device, got ",
-                    py_str_list({devices.begin(), devices.end()}));
-  if (offsets.is_cpu()) {  // values cost a host sync on the device: checked on CPU tensors only
-    const at::Tensor o = offsets.contiguous();
-    const int32_t* v = o.data_ptr<int32_t>();
-    int64_t prev = 0;
-    for (int64_t i = 0; i <= g; ++i) {
-      TORCH_CHECK_VALUE(v[i] >= prev && v[i] <= m, "expert_offsets must be nondecreasing within [0, M_total = ", m,
-                        "], got expert_offsets[", i, "] = ", v[i]);
-      prev = v[i];
-    }
-  }
+  grouped::check_one_device({&a, &a_scale, &b, &b_scale, &offsets}, "a, a_scale, b, b_scale and expert_offsets");
+  grouped::check_offsets_values(offsets, m);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -116,12 +86,7 @@ at::Tensor grouped_fp8_block_gemm(const at::Tensor& a, const at::Tensor& a_scale
   if (m == 0) return out;
 
   const int device = a.get_device();
-  int major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  TORCH_CHECK(major == 9 && minor == 0,
-              "grouped_fp8_block_gemm's CUDA kernel is built for sm_90a (H100/H200), this GPU is sm_", major, minor,
-              ": use backend='triton'");
+  grouped::check_sm90a(device, "grouped_fp8_block_gemm");
 
   // TMA reads a and each group of b in place when their bases are 16-byte aligned and their rows
   // distinct (the checks let a zero or short row stride through); otherwise from a copy.

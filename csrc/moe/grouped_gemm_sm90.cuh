@@ -83,6 +83,8 @@ void grouped_fp8_gemm_sm90_fp32(const GroupedGemmLaunch& p, bool check_only);
 #include "cutlass/numeric_types.h"
 #include "cutlass/util/packed_stride.hpp"
 
+#include "moe/grouped_common.cuh"
+
 namespace glm45 {
 namespace grouped_sm90 {
 
@@ -170,11 +172,10 @@ __global__ void grouped_prepare(GroupArrays<Config> arr, GroupedGemmLaunch p, ty
   using ElementD = typename Config::ElementD;
   const int k_blocks = (p.k + kBlock - 1) / kBlock;
   const int n_blocks = (p.n + kBlock - 1) / kBlock;
-  const auto clamp_to = [&](int v, int lo) { return min(max(v, lo), p.m_total); };
   if (int(blockIdx.x) < p.groups) {
     const int g = blockIdx.x;
-    const int lo = clamp_to(p.offsets[g], 0);
-    const int hi = clamp_to(p.offsets[g + 1], lo);
+    const int lo = grouped::clamp_row(p.offsets[g], 0, p.m_total);
+    const int hi = grouped::clamp_row(p.offsets[g + 1], lo, p.m_total);
     const int mg = hi - lo;
     if (threadIdx.x == 0) {
       arr.shapes[g] = typename Config::Shape3(mg, p.n, p.k);
@@ -196,27 +197,8 @@ __global__ void grouped_prepare(GroupArrays<Config> arr, GroupedGemmLaunch p, ty
     }
     return;
   }
-  const int first = clamp_to(p.offsets[0], 0);
-  const int last = clamp_to(p.offsets[p.groups], first);
-  const int outside = first + (p.m_total - last);
-  const int64_t vecs = int64_t(p.n) * sizeof(ElementD) / sizeof(uint4);  // whole: n is rounded up to 16 bytes
-  for (int j = blockIdx.x - p.groups; j < outside; j += gridDim.x - p.groups) {
-    const int row = j < first ? j : last + (j - first);
-    uint4* out = reinterpret_cast<uint4*>(static_cast<ElementD*>(p.d) + int64_t(row) * p.n);
-    for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x) out[v] = make_uint4(0, 0, 0, 0);
-  }
-}
-
-constexpr int kZeroBlocks = 32;
-constexpr int kPrepareThreads = 256;
-
-inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
-
-inline int sm_count(int device) {
-  static int cached[64] = {};
-  if (device < 0 || device >= 64) return cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
-  if (!cached[device]) cached[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
-  return cached[device];
+  // whole 16-byte rows: n is rounded up to 16 bytes
+  grouped::zero_outside_groups(static_cast<ElementD*>(p.d), p.offsets, p.groups, p.m_total, p.n);
 }
 
 template <class Config>
@@ -229,87 +211,53 @@ typename Config::Gemm::Arguments make_arguments(const GroupArrays<Config>& arr, 
       {arr.a, arr.stride_a, arr.b, arr.stride_b, arr.sfa, arr.layout_sfa, arr.sfb, arr.layout_sfb},
       {{}, nullptr, nullptr, arr.d, arr.stride_d},
       hw};
-  auto& fusion = args.epilogue.thread;
-  fusion.alpha = 1.0f;
-  fusion.beta = 0.0f;
-  fusion.alpha_ptr = nullptr;
-  fusion.beta_ptr = nullptr;
-  fusion.alpha_ptr_array = nullptr;
-  fusion.beta_ptr_array = nullptr;
-  fusion.dAlpha = {_0{}, _0{}, 0};
-  fusion.dBeta = {_0{}, _0{}, 0};
+  grouped::plain_epilogue(args.epilogue.thread);
   return args;
 }
 
 template <class ElementD>
 void grouped_fp8_gemm(const GroupedGemmLaunch& p, bool check_only) {
   using Config = GroupedFp8Gemm<ElementD>;
-  using Gemm = typename Config::Gemm;
   if (check_only) {
-    // One representative group: alignment of N and K is all a group's M cannot change.
-    typename Config::Shape3 host_shape(kBlock, p.n, p.k);
-    GroupArrays<Config> none{};
-    TORCH_CHECK(Gemm::can_implement(make_arguments<Config>(none, 1, &host_shape, {})) == cutlass::Status::kSuccess,
-                "grouped_fp8_block_gemm: CUTLASS cannot implement N=", p.n, " K=", p.k);
+    grouped::check_can_implement<Config>(kBlock, p.n, p.k, "grouped_fp8_block_gemm", [](auto* host_shapes) {
+      return make_arguments<Config>(GroupArrays<Config>{}, 1, host_shapes, {});
+    });
     return;
   }
   const int g = p.groups;
   const int k_blocks = (p.k + kBlock - 1) / kBlock;
-  size_t bytes = 0;
-  const auto take = [&](size_t each, int64_t count) {
-    const size_t at = bytes;
-    bytes += align16(each * size_t(count));
-    return at;
-  };
-  const size_t o_shapes = take(sizeof(typename Config::Shape3), g);
-  const size_t o_ptrs = take(sizeof(void*), 5 * int64_t(g));
-  const size_t o_sa = take(sizeof(typename Config::StrideA), g);
-  const size_t o_sb = take(sizeof(typename Config::StrideB), g);
-  const size_t o_sd = take(sizeof(typename Config::StrideD), g);
-  const size_t o_lsfa = take(sizeof(typename Config::LayoutSFA), g);
-  const size_t o_lsfb = take(sizeof(typename Config::LayoutSFB), g);
-  const size_t o_sfa = take(sizeof(float), int64_t(p.m_total) * k_blocks);
-  // from the caching allocator on the current stream: no sync, graph-capturable
-  at::Tensor meta = at::empty({int64_t(bytes)}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA, p.device));
-  char* base = static_cast<char*>(meta.data_ptr());
+  grouped::DeviceArena meta;
+  const size_t o_shapes = meta.take(sizeof(typename Config::Shape3), g);
+  const size_t o_ptrs = meta.take(sizeof(void*), 5 * int64_t(g));
+  const size_t o_sa = meta.take(sizeof(typename Config::StrideA), g);
+  const size_t o_sb = meta.take(sizeof(typename Config::StrideB), g);
+  const size_t o_sd = meta.take(sizeof(typename Config::StrideD), g);
+  const size_t o_lsfa = meta.take(sizeof(typename Config::LayoutSFA), g);
+  const size_t o_lsfb = meta.take(sizeof(typename Config::LayoutSFB), g);
+  const size_t o_sfa = meta.take(sizeof(float), int64_t(p.m_total) * k_blocks);
+  meta.allocate(p.device);
   // five pointer arrays of g entries each: a, b, sfa, sfb, d
-  const auto ptr_array = [&](int i) { return base + o_ptrs + size_t(i) * g * sizeof(void*); };
+  const auto ptr_array = [&](int i) { return meta.ptr<char>(o_ptrs + size_t(i) * g * sizeof(void*)); };
   GroupArrays<Config> arr{
-      reinterpret_cast<typename Config::Shape3*>(base + o_shapes),
+      meta.ptr<typename Config::Shape3>(o_shapes),
       reinterpret_cast<const typename Config::ElementAB**>(ptr_array(0)),
       reinterpret_cast<const typename Config::ElementAB**>(ptr_array(1)),
       reinterpret_cast<const float**>(ptr_array(2)),
       reinterpret_cast<const float**>(ptr_array(3)),
       reinterpret_cast<ElementD**>(ptr_array(4)),
-      reinterpret_cast<typename Config::StrideA*>(base + o_sa),
-      reinterpret_cast<typename Config::StrideB*>(base + o_sb),
-      reinterpret_cast<typename Config::StrideD*>(base + o_sd),
-      reinterpret_cast<typename Config::LayoutSFA*>(base + o_lsfa),
-      reinterpret_cast<typename Config::LayoutSFB*>(base + o_lsfb),
-      reinterpret_cast<float*>(base + o_sfa)};
+      meta.ptr<typename Config::StrideA>(o_sa),
+      meta.ptr<typename Config::StrideB>(o_sb),
+      meta.ptr<typename Config::StrideD>(o_sd),
+      meta.ptr<typename Config::LayoutSFA>(o_lsfa),
+      meta.ptr<typename Config::LayoutSFB>(o_lsfb),
+      meta.ptr<float>(o_sfa)};
 
-  auto sa = cutlass::make_cute_packed_stride(typename Config::StrideA{}, make_shape(1, p.k, 1));
-  auto sb = cutlass::make_cute_packed_stride(typename Config::StrideB{}, make_shape(p.n, p.k, 1));
-  auto sd = cutlass::make_cute_packed_stride(typename Config::StrideD{}, make_shape(1, p.n, 1));
-  get<0>(sa) = p.lda;
-  get<0>(sb) = p.ldb;
-  grouped_prepare<Config><<<g + kZeroBlocks, kPrepareThreads, 0, p.stream>>>(arr, p, sa, sb, sd);
+  const grouped::GroupStrides<Config> st(p.n, p.k, p.lda, p.ldb);
+  grouped_prepare<Config><<<g + grouped::kZeroBlocks, grouped::kPrepareThreads, 0, p.stream>>>(arr, p, st.a, st.b,
+                                                                                               st.d);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  cutlass::KernelHardwareInfo hw;
-  hw.device_id = p.device;
-  hw.sm_count = sm_count(p.device);
-  typename Gemm::Arguments args = make_arguments<Config>(arr, g, nullptr, hw);
-  Gemm gemm;
-  at::Tensor workspace = at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args))},
-                                   at::TensorOptions().dtype(at::kByte).device(at::kCUDA, p.device));
-  cutlass::Status st = gemm.initialize(args, workspace.data_ptr(), p.stream);
-  TORCH_CHECK(st == cutlass::Status::kSuccess, "grouped_fp8_block_gemm: CUTLASS initialize failed: ",
-              cutlassGetStatusString(st));
-  st = gemm.run(p.stream);
-  TORCH_CHECK(st == cutlass::Status::kSuccess, "grouped_fp8_block_gemm: CUTLASS run failed: ",
-              cutlassGetStatusString(st));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  run_cutlass_gemm<typename Config::Gemm>(make_arguments<Config>(arr, g, nullptr, hardware_info(p.device)), p.device,
+                                          p.stream, "grouped_fp8_block_gemm");
 }
 
 }  // namespace grouped_sm90

@@ -16,10 +16,6 @@ against the float64 oracle under the op's own rule (``OP.compare``: the tensor-c
 from __future__ import annotations
 
 import functools
-import os
-import shutil
-import subprocess
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -29,7 +25,7 @@ import glm45_ops
 from glm45_ops import gemm, quant, registered_ops
 from glm45_ops.reference.gemm import fp8_block_gemm_ref
 from glm45_ops.reference.quant import FP8_DTYPE
-from glm45_ops.testing import cuda_kernel_differs, poison_cuda_cache
+from glm45_ops.testing import check_sm90a_refusal, cuda_kernel_differs, poison_cuda_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 OP = registered_ops()["fp8_block_gemm"]
@@ -115,12 +111,6 @@ def test_the_accepted_cases_are_accepted_by_python():
             OP.check(*OP.bind(args, {}))
 
 
-def nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME")
-    path = Path(home) / "bin" / "nvcc" if home else None
-    return str(path) if path and path.exists() else shutil.which("nvcc")
-
-
 @pytest.mark.parametrize("gencode,refused", [
     ("arch=compute_90a,code=sm_90a", False),
     ("arch=compute_90,code=sm_90", True),           # TORCH_CUDA_ARCH_LIST=9.0
@@ -130,24 +120,7 @@ def test_build_for_sm90_without_a_is_refused(gencode, refused):
     """CUTLASS compiles the kernel body out for plain sm_90 (the op would return uninitialised
     memory): the #error fires in the device pass. Preprocessing alone shows it (seconds, not
     the minutes and 8 GB of a CUTLASS build)."""
-    exe = nvcc()
-    try:
-        import cutlass_library
-        from torch.utils.cpp_extension import include_paths
-    except ImportError as e:
-        pytest.skip(f"needs nvidia-cutlass and torch's C++ headers: {e}")
-    if exe is None:
-        pytest.skip("no nvcc")
-    cutlass = Path(cutlass_library.__file__).parent / "source"
-    incs = [*include_paths(device_type="cuda"), str(ROOT / "csrc"), str(cutlass / "include"),
-            str(cutlass / "tools" / "util" / "include"), sysconfig.get_paths()["include"]]
-    cmd = [exe, "-E", "-x", "cu", "-std=c++20", "--expt-relaxed-constexpr", f"-gencode={gencode}",
-           *(f"-I{i}" for i in incs), str(ROOT / "csrc" / "gemm" / "fp8_block_gemm_sm90.cu"), "-o", os.devnull]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if refused:
-        assert run.returncode != 0 and "needs sm_90a, not sm_90" in run.stderr, run.stderr[-2000:]
-    else:
-        assert run.returncode == 0, run.stderr[-2000:]
+    check_sm90a_refusal(ROOT / "csrc" / "gemm" / "fp8_block_gemm_sm90.cu", gencode, refused)
 
 
 # ---------------------------------------------------------------------------------------------

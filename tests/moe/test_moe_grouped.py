@@ -13,10 +13,6 @@ replayed with new offsets (no host sync inside the op).
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -28,7 +24,7 @@ from glm45_ops.moe import grouped_bf16_gemm, grouped_fp8_block_gemm
 from glm45_ops.moe.grouped import bf16_operands, operands
 from glm45_ops.reference.moe_grouped import grouped_bf16_gemm_ref, grouped_fp8_block_gemm_ref
 from glm45_ops.reference.quant import FP8_DTYPE
-from glm45_ops.testing import cuda_kernel_differs, poisoned_outputs
+from glm45_ops.testing import check_sm90a_refusal, cuda_kernel_differs, poisoned_outputs
 
 OP = registered_ops()["grouped_fp8_block_gemm"]
 BF16_OP = registered_ops()["grouped_bf16_gemm"]
@@ -218,25 +214,7 @@ def test_cpp_checks_offset_values_of_cpu_tensors():
 def test_build_for_sm90_without_a_is_refused(unit, gencode, refused):
     """CUTLASS compiles the kernel body out for plain sm_90 (the op would leave its output
     unwritten): both units refuse such a build at preprocessing time (seconds, not a build)."""
-    home = os.environ.get("CUDA_HOME")
-    exe = str(Path(home) / "bin" / "nvcc") if home and (Path(home) / "bin" / "nvcc").exists() else shutil.which("nvcc")
-    try:
-        import cutlass_library
-        from torch.utils.cpp_extension import include_paths
-    except ImportError as e:
-        pytest.skip(f"needs nvidia-cutlass and torch's C++ headers: {e}")
-    if exe is None:
-        pytest.skip("no nvcc")
-    cutlass = Path(cutlass_library.__file__).parent / "source"
-    incs = [*include_paths(device_type="cuda"), str(ROOT / "csrc"), str(cutlass / "include"),
-            str(cutlass / "tools" / "util" / "include"), sysconfig.get_paths()["include"]]
-    cmd = [exe, "-E", "-x", "cu", "-std=c++20", "--expt-relaxed-constexpr", f"-gencode={gencode}",
-           *(f"-I{i}" for i in incs), str(ROOT / "csrc" / "moe" / unit), "-o", os.devnull]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if refused:
-        assert run.returncode != 0 and "needs sm_90a, not sm_90" in run.stderr, run.stderr[-2000:]
-    else:
-        assert run.returncode == 0, run.stderr[-2000:]
+    check_sm90a_refusal(ROOT / "csrc" / "moe" / unit, gencode, refused)
 
 
 # ---------------------------------------------------------------------------------------------

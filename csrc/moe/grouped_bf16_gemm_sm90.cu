@@ -51,42 +51,24 @@ constexpr int64_t kAlign = 8;  // bf16 values per 16-byte TMA unit
 #if defined(CUTLASS_ARCH_MMA_SM90_SUPPORTED)
 using namespace cute;
 
-struct GroupedBf16Gemm {
+struct Bf16Collectives {
   using Element = cutlass::bfloat16_t;
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutB = cutlass::layout::ColumnMajor;
-  using LayoutD = cutlass::layout::RowMajor;
   static constexpr int kAlignE = 8;
   using TileShape = Shape<_128, _128, _64>;
-  using ClusterShape = Shape<_1, _1, _1>;
-  using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
-  using ArchTag = cutlass::arch::Sm90;
-  using OpClass = cutlass::arch::OpClassTensorOp;
 
-  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      ArchTag, OpClass, TileShape, ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto,
-      float, float,
-      void, LayoutD*, kAlignE,
-      Element, LayoutD*, kAlignE,
-      cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
-      cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
-
+  using CollectiveEpilogue = grouped::PtrArrayEpilogue<TileShape, Element, kAlignE>;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      ArchTag, OpClass,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
       Element, LayoutA*, kAlignE,
       Element, LayoutB*, kAlignE,
-      float, TileShape, ClusterShape,
+      float, TileShape, grouped::ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
       cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
-
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-  using StrideA = typename Kernel::InternalStrideA;
-  using StrideB = typename Kernel::InternalStrideB;
-  using StrideD = typename Kernel::InternalStrideD;
-  using Shape3 = typename ProblemShape::UnderlyingProblemShape;
 };
+struct GroupedBf16Gemm : Bf16Collectives, grouped::GemmTypes<Bf16Collectives> {};
 using Cfg = GroupedBf16Gemm;
 
 struct Bf16Launch {

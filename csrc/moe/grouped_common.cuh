@@ -84,12 +84,46 @@ inline void check_sm90a(int device, const char* op) {
 
 #if defined(CUTLASS_ARCH_MMA_SM90_SUPPORTED)
 #include "cute/tensor.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
 #include "common/cutlass_run.cuh"
 
 namespace glm45 {
 namespace grouped {
+
+// Groups of a few rows are common in MoE, and a 1 x 1 cluster never pairs tiles of different groups
+using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
+
+// The PtrArray TMA epilogue of both units: D (row-major, per-group pointers) = the fp32
+// accumulator rounded once into ElementD, no C operand
+template <class TileShape, class ElementD, int kAlignD>
+using PtrArrayEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+    cutlass::epilogue::collective::EpilogueTileAuto,
+    float, float,
+    void, cutlass::layout::RowMajor*, kAlignD,
+    ElementD, cutlass::layout::RowMajor*, kAlignD,
+    cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+    cutlass::epilogue::fusion::LinearCombination<ElementD, float, void, float>>::CollectiveOp;
+
+// The kernel of Collectives' CollectiveMainloop and CollectiveEpilogue, and the per-group types
+// of its arrays. A unit's configuration derives from both: struct Cfg : C, GemmTypes<C> {}.
+template <class Collectives>
+struct GemmTypes {
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, typename Collectives::CollectiveMainloop,
+                                                      typename Collectives::CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideD = typename Kernel::InternalStrideD;
+  using Shape3 = typename ProblemShape::UnderlyingProblemShape;
+};
 
 // The prepare kernels' launch: one block per group, then kZeroBlocks zeroing the other rows
 constexpr int kZeroBlocks = 32;

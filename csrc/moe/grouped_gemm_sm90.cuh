@@ -93,12 +93,11 @@ using namespace cute;
 constexpr int kBlock = 128;
 
 template <class ElementD_>
-struct GroupedFp8Gemm {
+struct GroupedFp8Collectives {
   using ElementD = ElementD_;
   using ElementAB = cutlass::float_e4m3_t;
   using LayoutA = cutlass::layout::RowMajor;     // [M_g, K], K contiguous
   using LayoutB = cutlass::layout::ColumnMajor;  // [N, K], K contiguous ("TN")
-  using LayoutD = cutlass::layout::RowMajor;
   static constexpr int kAlignAB = 16;
   static constexpr int kAlignD = 128 / cutlass::sizeof_bits<ElementD>::value;
 
@@ -108,36 +107,19 @@ struct GroupedFp8Gemm {
   using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
 
   using TileShape = Shape<_128, _128, _128>;
-  using ClusterShape = Shape<_1, _1, _1>;
-  using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
-  using ArchTag = cutlass::arch::Sm90;
-  using OpClass = cutlass::arch::OpClassTensorOp;
 
-  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      ArchTag, OpClass, TileShape, ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto,
-      float, float,
-      void, LayoutD*, kAlignD,  // no C operand: D = accumulator
-      ElementD, LayoutD*, kAlignD,
-      cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
-      cutlass::epilogue::fusion::LinearCombination<ElementD, float, void, float>>::CollectiveOp;
-
+  using CollectiveEpilogue = grouped::PtrArrayEpilogue<TileShape, ElementD, kAlignD>;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      ArchTag, OpClass,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
       ElementAB, cute::tuple<LayoutA*, LayoutSFA*>, kAlignAB,
       ElementAB, cute::tuple<LayoutB*, LayoutSFB*>, kAlignAB,
-      float, TileShape, ClusterShape,
+      float, TileShape, grouped::ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
       cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise>::CollectiveOp;
-
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-
-  using StrideA = typename Kernel::InternalStrideA;
-  using StrideB = typename Kernel::InternalStrideB;
-  using StrideD = typename Kernel::InternalStrideD;
-  using Shape3 = typename ProblemShape::UnderlyingProblemShape;
 };
+template <class ElementD>
+struct GroupedFp8Gemm : GroupedFp8Collectives<ElementD>, grouped::GemmTypes<GroupedFp8Collectives<ElementD>> {};
 
 // The per-group arrays the kernel reads, carved out of one device buffer.
 template <class Config>

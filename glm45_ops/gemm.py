@@ -23,7 +23,7 @@ import torch
 
 from glm45_ops._registry import ErrorInput, Op, Sample
 from glm45_ops.quant import per_block_quant_fp8, per_token_group_quant_fp8
-from glm45_ops.reference import gemm as ref
+from glm45_ops.reference import cdiv, gemm as ref
 from glm45_ops.reference.gemm import GEMM_BLOCK
 from glm45_ops.reference.quant import FP8_DTYPE
 from glm45_ops.testing import calc_diff
@@ -37,9 +37,6 @@ _OUT_DTYPES = (torch.bfloat16, torch.float32)
 _ROW_ALIGN_BYTES = 16  # TMA: every row stride of a and b a multiple of 16 bytes
 K_ALIGN = 16  # TMA: K e4m3 values per row must fill whole 16-byte units
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def scale_layout(a_scale: torch.Tensor) -> str | None:
@@ -90,14 +87,14 @@ def _check_gemm(a, a_scale, b, b_scale, out_dtype):
         raise ValueError(f"K (a.shape[1] = {k}) must be a positive multiple of {K_ALIGN} (TMA)")
     if n == 0:
         raise ValueError("b must have at least one row (N >= 1)")
-    groups = _cdiv(k, GEMM_BLOCK)
+    groups = cdiv(k, GEMM_BLOCK)
     _check_scale("a_scale", a_scale, (m, groups))
     if scale_layout(a_scale) is None:
         raise ValueError(
             "a_scale must be row-major (unit stride along K/128) or MN-major (unit stride along M, "
             f"M stride >= M), got strides {tuple(a_scale.stride())}"
         )
-    _check_scale("b_scale", b_scale, (_cdiv(n, GEMM_BLOCK), groups))
+    _check_scale("b_scale", b_scale, (cdiv(n, GEMM_BLOCK), groups))
     if groups > 1 and b_scale.stride(1) != 1:
         raise ValueError(f"b_scale must have a unit last stride, got strides {tuple(b_scale.stride())}")
     if out_dtype not in _OUT_DTYPES:

@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 import torch
 
 from glm45_ops._registry import ErrorInput, Op, Sample
-from glm45_ops.reference import quant as ref
+from glm45_ops.reference import cdiv, quant as ref
 from glm45_ops.reference.quant import E4M3_MAX, FP8_DTYPE
 
 __all__ = [
@@ -41,9 +41,6 @@ MAX_BLOCK_SIZE = 256
 _MAX_DEQUANT_BLOCK = 2**31 - 1  # block indices are int32 in the kernels
 _FP32_MIN_NORMAL = torch.finfo(torch.float32).tiny
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -89,10 +86,10 @@ def _check_ptgq(x, group_size, eps, scale_ue8m0, column_major_scales):
 
 def _alloc_ptgq(x, group_size, eps, scale_ue8m0, column_major_scales):
     x_q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
-    groups = _cdiv(x.shape[-1], group_size)
+    groups = cdiv(x.shape[-1], group_size)
     if column_major_scales:
         m = x.shape[0]
-        m_pad = _cdiv(m, _SCALE_ALIGN) * _SCALE_ALIGN
+        m_pad = cdiv(m, _SCALE_ALIGN) * _SCALE_ALIGN
         scale = torch.empty((groups, m_pad), dtype=torch.float32, device=x.device).t()[:m]
     else:
         scale = torch.empty((*x.shape[:-1], groups), dtype=torch.float32, device=x.device)
@@ -188,7 +185,7 @@ def _check_pbq(w, block_size, eps, scale_ue8m0):
 def _alloc_pbq(w, block_size, eps, scale_ue8m0):
     n, k = w.shape[-2:]
     w_q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
-    scale = torch.empty((*w.shape[:-2], _cdiv(n, block_size), _cdiv(k, block_size)), dtype=torch.float32, device=w.device)
+    scale = torch.empty((*w.shape[:-2], cdiv(n, block_size), cdiv(k, block_size)), dtype=torch.float32, device=w.device)
     return w_q, scale
 
 
@@ -290,7 +287,7 @@ def _check_dequant(x_q, scale, block_m, block_n, out_dtype):
     if x_q.device != scale.device:
         raise ValueError(f"x_q and scale must be on the same device, got {x_q.device} and {scale.device}")
     r, c = x_q.shape[-2:]
-    want = (*x_q.shape[:-2], _cdiv(r, block_m), _cdiv(c, block_n))
+    want = (*x_q.shape[:-2], cdiv(r, block_m), cdiv(c, block_n))
     if tuple(scale.shape) != want:
         raise ValueError(
             f"scale must have shape {want} for x_q {tuple(x_q.shape)} with blocks {block_m}x{block_n}, "

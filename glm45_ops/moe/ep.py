@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from glm45_ops.moe.fused import _fused_op, fused_moe
+from glm45_ops.reference import cdiv
 
 _ROW_ALIGN = 16  # bytes: x's part of a row is whole 16-byte chunks (H % 16 == 0), the metadata is padded to them
 
@@ -124,7 +125,7 @@ def ep_fused_moe(
     # 4. dispatch: rows sorted by destination, then token (nonzero's row-major order)
     d_idx, t_idx = torch.nonzero_static(hit.t(), size=sent).unbind(1)
     x_bytes = h * x.element_size()
-    meta_bytes = -(-8 * k // _ROW_ALIGN) * _ROW_ALIGN
+    meta_bytes = cdiv(8 * k, _ROW_ALIGN) * _ROW_ALIGN
     send = torch.empty((sent, x_bytes + meta_bytes), dtype=torch.uint8, device=dev)
     send[:, :x_bytes] = x[t_idx].view(torch.uint8)
     local_ids = torch.where(dest[t_idx] == d_idx[:, None], ids[t_idx] - d_idx[:, None] * per_rank, -1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from glm45_ops._registry import ErrorInput, Op, Sample
+from glm45_ops.reference import cdiv
 from glm45_ops.reference.moe import QUANT_GROUP, fused_moe_ref
 from glm45_ops.reference.quant import FP8_DTYPE
 from glm45_ops.testing import calc_diff
@@ -26,9 +27,6 @@ DIM_ALIGN = 16  # H and I: whole 16-byte fp8 rows (TMA), the granularity the iss
 # scale block gives ~1e-1.
 SIMILARITY_LIMIT = {torch.float32: 1e-6, torch.float16: 2e-5, torch.bfloat16: 1e-4, "fp8": 5e-4}
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offset):
@@ -56,12 +54,12 @@ def _check_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offs
     if fp8:
         if x.dtype != torch.bfloat16:
             raise ValueError(f"x must be bfloat16 with FP8 weights, got {x.dtype}")
-        hb = _cdiv(h, QUANT_GROUP)
-        w13_shapes = [(e, two_i, hb)] + ([(e, _cdiv(two_i, QUANT_GROUP), hb)] if i_offset == 0 else [])
+        hb = cdiv(h, QUANT_GROUP)
+        w13_shapes = [(e, two_i, hb)] + ([(e, cdiv(two_i, QUANT_GROUP), hb)] if i_offset == 0 else [])
         if w13_scale.dtype != torch.float32 or tuple(w13_scale.shape) not in w13_shapes:
             raise ValueError(f"w13_scale must be float32 of shape {' or '.join(map(str, w13_shapes[::-1]))} "
                              f"(blocks, or one scale per row), got {w13_scale.dtype} {tuple(w13_scale.shape)}")
-        want = (e, hb, _cdiv(inter + i_offset, QUANT_GROUP))
+        want = (e, hb, cdiv(inter + i_offset, QUANT_GROUP))
         if w2_scale.dtype != torch.float32 or tuple(w2_scale.shape) != want:
             raise ValueError(f"w2_scale must be float32 of shape {want}, got {w2_scale.dtype} {tuple(w2_scale.shape)}")
     elif w13.dtype != x.dtype or w2.dtype != x.dtype:

@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from glm45_ops import gemm
 from glm45_ops._registry import ErrorInput, Op, Sample
-from glm45_ops.reference import moe_grouped as ref
+from glm45_ops.reference import cdiv, moe_grouped as ref
 from glm45_ops.reference.gemm import GEMM_BLOCK
 from glm45_ops.reference.quant import FP8_DTYPE
 from glm45_ops.testing import calc_diff
@@ -37,9 +37,6 @@ __all__ = ["grouped_bf16_gemm", "grouped_fp8_block_gemm"]
 
 _ROW_ALIGN_BYTES = 16  # TMA: every stride of a and b but the unit one a multiple of 16 bytes
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check_offset_values(offsets: torch.Tensor, m: int) -> None:
@@ -75,12 +72,12 @@ def _check(a, a_scale, b, b_scale, expert_offsets, out_dtype):
         raise ValueError("b must have at least one group (G >= 1)")
     if n == 0:
         raise ValueError("b must have at least one row per group (N >= 1)")
-    k_blocks = _cdiv(k, GEMM_BLOCK)
+    k_blocks = cdiv(k, GEMM_BLOCK)
     gemm._check_scale("a_scale", a_scale, (m, k_blocks))
     if b_scale.dtype != torch.float32:
         raise ValueError(f"b_scale must be float32, got {b_scale.dtype}")
-    if tuple(b_scale.shape) != (g, _cdiv(n, GEMM_BLOCK), k_blocks):
-        raise ValueError(f"b_scale must have shape {(g, _cdiv(n, GEMM_BLOCK), k_blocks)}, got {tuple(b_scale.shape)}")
+    if tuple(b_scale.shape) != (g, cdiv(n, GEMM_BLOCK), k_blocks):
+        raise ValueError(f"b_scale must have shape {(g, cdiv(n, GEMM_BLOCK), k_blocks)}, got {tuple(b_scale.shape)}")
     if expert_offsets.dtype != torch.int32:
         raise ValueError(f"expert_offsets must be int32, got {expert_offsets.dtype}")
     if tuple(expert_offsets.shape) != (g + 1,):

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from glm45_ops.reference import cdiv
 from glm45_ops.reference.moe import QUANT_GROUP
 
 
@@ -52,8 +53,8 @@ def shard_fp8_experts(
     width = inter // tp_size
     if width % 16:
         raise ValueError(f"the shard width I/tp_size = {width} must be a multiple of 16 (fused_moe's I)")
-    want13 = (e, -(-two_i // QUANT_GROUP), -(-h // QUANT_GROUP))
-    want2 = (e, -(-h // QUANT_GROUP), -(-inter // QUANT_GROUP))
+    want13 = (e, cdiv(two_i, QUANT_GROUP), cdiv(h, QUANT_GROUP))
+    want2 = (e, cdiv(h, QUANT_GROUP), cdiv(inter, QUANT_GROUP))
     if tuple(w13_scale.shape) != want13 or tuple(w2_scale.shape) != want2:
         raise ValueError(f"w13_scale and w2_scale must be the block grids {want13} and {want2}, "
                          f"got {tuple(w13_scale.shape)} and {tuple(w2_scale.shape)}")
@@ -63,7 +64,7 @@ def shard_fp8_experts(
     shard_w13 = w13[:, rows].contiguous()
     shard_s13 = w13_scale[:, rows // QUANT_GROUP].contiguous()
     i_offset = first % QUANT_GROUP
-    blocks = slice(first // QUANT_GROUP, -(-(first + width) // QUANT_GROUP))
+    blocks = slice(first // QUANT_GROUP, cdiv(first + width, QUANT_GROUP))
     shard_w2 = w2[:, :, first:first + width].contiguous()
     shard_s2 = w2_scale[:, :, blocks].contiguous()
     return ExpertShard(shard_w13, shard_s13, shard_w2, shard_s2, i_offset)

@@ -48,6 +48,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from glm45_ops.reference import cdiv
 from glm45_ops.reference.quant import dequant_fp8_ref, per_token_group_quant_fp8_ref
 
 QUANT_GROUP = 128  # activations are quantized 1 x 128, weights 128 x 128 (DeepSeek-V3)
@@ -56,7 +57,7 @@ QUANT_GROUP = 128  # activations are quantized 1 x 128, weights 128 x 128 (DeepS
 def padded_size(num_pairs: int, num_experts: int, block_size: int) -> int:
     """The static length of ``sorted_ids``: every pair plus the worst-case padding, in blocks."""
     worst = num_pairs + num_experts * (block_size - 1)
-    return -(-worst // block_size) * block_size
+    return cdiv(worst, block_size) * block_size
 
 
 def moe_align_block_size_ref(
@@ -97,7 +98,7 @@ def _shift(t: torch.Tensor, offset: int) -> torch.Tensor:
 def _w13(w13: torch.Tensor, scale: torch.Tensor | None, e: int) -> torch.Tensor:
     if scale is None:
         return w13[e].float()
-    rows = 1 if scale.shape[1] == w13.shape[1] != -(-w13.shape[1] // QUANT_GROUP) else QUANT_GROUP
+    rows = 1 if scale.shape[1] == w13.shape[1] != cdiv(w13.shape[1], QUANT_GROUP) else QUANT_GROUP
     return dequant_fp8_ref(w13[e], scale[e], rows, QUANT_GROUP, torch.float32)
 
 

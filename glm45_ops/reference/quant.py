@@ -33,6 +33,8 @@ import math
 
 import torch
 
+from glm45_ops.reference import cdiv
+
 E4M3_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -81,7 +83,7 @@ def per_token_group_quant_fp8_ref(
     """``x`` ``[..., K]`` float, any K -> (``x_q`` e4m3 ``[..., K]``, ``scale`` fp32
     ``[..., ceil(K/g)]`` contiguous); the last group of a row is partial when ``g`` does not divide K."""
     k = x.shape[-1]
-    groups = -(-k // group_size)
+    groups = cdiv(k, group_size)
     xg = _pad_last(x.float(), groups * group_size).reshape(*x.shape[:-1], groups, group_size)
     scale = _scales_from_amax(_finite_amax(xg, -1), eps, scale_ue8m0) if xg.numel() else \
         torch.empty((*x.shape[:-1], groups), dtype=torch.float32, device=x.device)
@@ -100,7 +102,7 @@ def per_block_quant_fp8_ref(
     Edge blocks are partial: zero padding never raises a block's amax, so padding is harmless.
     """
     *lead, n, k = w.shape
-    nb, kb = -(-n // block_size), -(-k // block_size)
+    nb, kb = cdiv(n, block_size), cdiv(k, block_size)
     w3 = w.float().reshape(math.prod(lead), n, k)
     padded = torch.nn.functional.pad(w3, (0, kb * block_size - k, 0, nb * block_size - n))
     blocks = padded.view(w3.shape[0], nb, block_size, kb, block_size)

@@ -26,6 +26,7 @@ import torch
 from glm45_ops import gemm, quant
 from glm45_ops.bench.case import BenchContext, Case, Skip, gpu_only, op_runner, peer_import, randn, require, smoke
 from glm45_ops.config import ModelConfig
+from glm45_ops.reference import cdiv
 from glm45_ops.reference.quant import FP8_DTYPE
 from glm45_ops.testing import calc_diff
 
@@ -37,9 +38,6 @@ MEMORY_BOUND_MAX_M = 128  # at or below: the weight read dominates (intensity < 
 LINEAR_MIN_M = 512
 SIMILARITY_LIMIT = 1e-4
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def linear_shapes(cfg: ModelConfig) -> list[tuple[str, int, int]]:
@@ -147,7 +145,7 @@ _PEERS = {"scaled_mm": _scaled_mm, "torch.matmul bf16": _matmul_bf16, "deep_gemm
 # ---------------------------------------------------------------------------------------------
 
 def _gemm_bytes(m: int, n: int, k: int, in_bytes_a: int) -> int:
-    scales = 4 * (m + _cdiv(n, BLOCK)) * _cdiv(k, BLOCK)
+    scales = 4 * (m + cdiv(n, BLOCK)) * cdiv(k, BLOCK)
     return m * k * in_bytes_a + n * k + scales + m * n * OUT_DTYPE.itemsize
 
 

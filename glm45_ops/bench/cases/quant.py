@@ -24,16 +24,13 @@ from glm45_ops import quant
 from glm45_ops.bench.case import (BenchContext, Case, PeerFactory, Skip, compile_peer, gpu_only, op_outputs, op_runner,
                                   peer_import, randn, require, smoke)
 from glm45_ops.config import ModelConfig
-from glm45_ops.reference import quant as ref
+from glm45_ops.reference import cdiv, quant as ref
 
 FAMILY = "quant"
 GROUP = 128
 EPS = 1e-4
 ACT_DTYPE = torch.bfloat16
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _fmt(shape, dtype=ACT_DTYPE) -> str:
@@ -114,7 +111,7 @@ def _ptgq_case(m: int, k: int, ue8m0: bool, column_major: bool, headline: bool =
         inputs=lambda device, gen: (randn((m, k), ACT_DTYPE, device, gen),),
         run=lambda backend, device, x: op_runner(quant.per_token_group_quant_fp8, backend, device, x, GROUP, EPS,
                                                  ue8m0, column_major),
-        bytes_moved=m * k * (ACT_DTYPE.itemsize + 1) + 4 * m * _cdiv(k, GROUP),
+        bytes_moved=m * k * (ACT_DTYPE.itemsize + 1) + 4 * m * cdiv(k, GROUP),
         peers=_peers(_PTGQ_PEERS, headline, ue8m0=ue8m0, column_major=column_major),
         params={"M": m, "K": k, "group_size": GROUP, "scale_ue8m0": ue8m0, "column_major_scales": column_major},
     )
@@ -122,7 +119,7 @@ def _ptgq_case(m: int, k: int, ue8m0: bool, column_major: bool, headline: bool =
 
 def _pbq_case(label: str, shape: tuple[int, ...], ue8m0: bool = False, headline: bool = False) -> Case:
     n, k = shape[-2:]
-    n_scales = prod(shape[:-2]) * _cdiv(n, GROUP) * _cdiv(k, GROUP)
+    n_scales = prod(shape[:-2]) * cdiv(n, GROUP) * cdiv(k, GROUP)
     return Case(
         family=FAMILY,
         name=f"per_block_quant_fp8 {label}{' ue8m0' if ue8m0 else ''}",
@@ -137,7 +134,7 @@ def _pbq_case(label: str, shape: tuple[int, ...], ue8m0: bool = False, headline:
 
 def _dequant_case(label: str, shape: tuple[int, ...], block: tuple[int, int]) -> Case:
     bm, bn = block
-    scale_shape = (*shape[:-2], _cdiv(shape[-2], bm), _cdiv(shape[-1], bn))
+    scale_shape = (*shape[:-2], cdiv(shape[-2], bm), cdiv(shape[-1], bn))
 
     def inputs(device: torch.device, gen: torch.Generator):
         x_q = randn(shape, torch.float32, device, gen, std=64.0).clamp(-448, 448).to(quant.FP8_DTYPE)
@@ -194,7 +191,7 @@ def tp8_shard_shapes(cfg: ModelConfig, tp: int = 8) -> list[tuple[str, tuple[int
 def _shard_case(cfg: ModelConfig) -> Case:
     shapes = tp8_shard_shapes(cfg)
     elems = sum(prod(s) * c for _, s, c in shapes)
-    scales = sum(prod(s[:-2]) * _cdiv(s[-2], GROUP) * _cdiv(s[-1], GROUP) * c for _, s, c in shapes)
+    scales = sum(prod(s[:-2]) * cdiv(s[-2], GROUP) * cdiv(s[-1], GROUP) * c for _, s, c in shapes)
 
     def inputs(device: torch.device, gen: torch.Generator):
         # One bf16 tensor per distinct weight, reused by every layer: a real shard is

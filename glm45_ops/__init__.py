@@ -12,6 +12,7 @@ from glm45_ops import gemm  # noqa: F401  (defines the glm45:: gemm ops)
 from glm45_ops import muon  # noqa: F401  (defines the glm45:: muon ops)
 from glm45_ops import speculative  # noqa: F401  (defines the glm45:: speculative ops)
 from glm45_ops import moe  # noqa: F401  (defines the glm45:: moe ops)
+from glm45_ops import attention  # noqa: F401  (defines the glm45:: attention ops)
 from glm45_ops._extension import extension_error, extension_loaded
 from glm45_ops._info import info
 
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "attention",
     "default_backend",
     "extension_error",
     "extension_loaded",

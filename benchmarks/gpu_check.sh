@@ -90,7 +90,7 @@ bench quant 35
 bench gemm 45
 bench speculative 20
 bench muon 25
-bench moe 60 --cases "moe_route,moe_align,fused_moe TP8,fused_moe EP8,+shared"
+bench moe 60 --cases "moe_route,moe_align,fused_moe TP8,fused_moe EP8,+shared,grouped_fp8_block_gemm TP8,grouped_bf16_gemm TP8"
 step compile_report 45 $BENCH compile-report --json "$OUT/compile_report.json"
 
 echo "total: $(( $(date +%s) - START ))s" | tee -a "$OUT/summary.txt"

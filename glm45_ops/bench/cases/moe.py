@@ -21,6 +21,14 @@
 * ``fused_moe +shared``: the shared expert fused as always-selected expert E (top-(k+1), weight 1)
   at TP8, against the peer "separate shared" (routed fused_moe, then the dense SwiGLU): which one
   ``MoE(fuse_shared=...)`` should default to is this case's GPU result.
+* ``grouped_fp8_block_gemm`` / ``grouped_bf16_gemm``: one expert GEMM of a layer over
+  expert-contiguous rows (``T x top-k`` routed rows, random routing), the gate_up GEMM
+  (``N = 2 I``, ``K = H``) and the down GEMM (``N = H``, ``K = I``) at TP8 and EP8, for the
+  prefill ``T`` and the largest decode ``T``. These are the building blocks of the large-``T``
+  ``fused_moe`` path (permute, grouped GEMM, SwiGLU/quant, grouped GEMM, combine): ``fused_moe``
+  switches its ``cuda`` path to them only once this case shows the CUTLASS kernels faster than the
+  Triton ones. Peer: ``torch._grouped_mm`` in BF16 on the same groups (the FP8 case's operands
+  dequantized first, so it times a BF16 GEMM of the same shape).
 """
 
 from __future__ import annotations
@@ -200,6 +208,67 @@ def _shared_case(cfg: ModelConfig, t: int, inter: int, fp8: bool) -> Case:
     )
 
 
+def _group_offsets(t: int, k: int, e_route: int, local_e: int, device, gen) -> torch.Tensor:
+    """int32 ``[local_e + 1]`` offsets of the rows a rank's experts get when ``t`` tokens pick
+    ``k`` of ``e_route`` experts at random (EP: ids past ``local_e`` belong to other ranks)."""
+    ids = torch.rand((t, e_route), generator=gen, device=device).topk(k, dim=1).indices.flatten()
+    counts = torch.bincount(ids[ids < local_e], minlength=local_e)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+
+
+def _grouped_mm_gemm_peer(device, gen, a, *rest):
+    """torch._grouped_mm in BF16 over the same groups (FP8 operands dequantized first)."""
+    gpu_only("torch._grouped_mm", device)
+    if not hasattr(torch, "_grouped_mm"):
+        raise Skip("torch._grouped_mm: not in this torch")
+    if len(rest) == 2:
+        b, offsets = rest
+    else:
+        from glm45_ops import quant
+
+        a_scale, b, b_scale, offsets = rest[:4]
+        a = (a.float() * a_scale.repeat_interleave(128, dim=1)[:, :a.shape[1]]).to(torch.bfloat16)
+        b = quant.dequant_fp8(b, b_scale, 128, 128)
+    b_t, ends = b.transpose(1, 2), offsets[1:]
+    return smoke("torch._grouped_mm", lambda: torch._grouped_mm(a, b_t, offs=ends))
+
+
+def _grouped_case(cfg: ModelConfig, t: int, layout: str, local_e: int, inter: int, which: str, fp8: bool) -> Case:
+    from glm45_ops import quant
+
+    h, e, k = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+    n, kk = (2 * inter, h) if which == "w13" else (h, inter)
+
+    def inputs(device: torch.device, gen: torch.Generator):
+        offsets = _group_offsets(t, k, e, local_e, device, gen)
+        m = t * k * local_e // e  # the rows the routing sends here on average; the offsets decide
+        offsets = offsets.clamp(max=m)
+        a = randn((m, kk), torch.bfloat16, device, gen, std=0.5)
+        b = randn((local_e, n, kk), torch.bfloat16, device, gen, std=kk**-0.5)
+        if not fp8:
+            return a, b, offsets
+        a_q, a_s = quant.per_token_group_quant_fp8(a, 128)
+        b_q, b_s = quant.per_block_quant_fp8(b)
+        return a_q, a_s, b_q, b_s, offsets
+
+    m = t * k * local_e // e
+    hit = local_e * (1 - (1 - k / e) ** t)
+    wbytes = 1 if fp8 else 2
+    op = moe.grouped_fp8_block_gemm if fp8 else moe.grouped_bf16_gemm
+    return Case(
+        family=FAMILY,
+        name=f"{op.__name__} {layout} {which} T={t}",
+        shape=f"a [{m}, {kk}], {local_e} experts [{n}, {kk}] {'fp8' if fp8 else 'bf16'}",
+        inputs=inputs,
+        run=lambda backend, device, *args: op_runner(op, backend, device, *args),
+        bytes_moved=int(hit * n * kk * wbytes + m * kk * wbytes + 2 * m * n),
+        flops=2 * m * n * kk,
+        roofline="memory" if t <= 64 else ("compute:fp8" if fp8 else "compute:bf16"),
+        peers={"torch._grouped_mm": _grouped_mm_gemm_peer},
+        params={"T": t, "layout": layout, "gemm": which, "E_local": local_e, "M": m, "N": n, "K": kk, "fp8": fp8},
+    )
+
+
 def cases(ctx: BenchContext) -> list[Case]:
     cfg = ctx.model
     route = [_route_case(cfg, t, headline=i == 0) for i, t in enumerate(ctx.tokens)]
@@ -207,4 +276,7 @@ def cases(ctx: BenchContext) -> list[Case]:
     fused = [_fused_case(cfg, t, layout, local_e, inter, fp8)
              for layout, local_e, inter in _layouts(cfg) for fp8 in (True, False) for t in ctx.tokens]
     shared = [_shared_case(cfg, t, cfg.moe_intermediate_size // 8, fp8) for fp8 in (True, False) for t in ctx.tokens]
-    return route + fused + shared
+    grouped = [_grouped_case(cfg, t, layout, local_e, inter, which, fp8)
+               for layout, local_e, inter in _layouts(cfg)[1:] for which in ("w13", "w2") for fp8 in (True, False)
+               for t in (ctx.tokens[0], max(ctx.tokens[1:], default=ctx.tokens[0]))]
+    return route + fused + shared + grouped

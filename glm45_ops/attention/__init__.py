@@ -7,3 +7,5 @@ defines its ops; this package re-exports their public functions.
 """
 
 from __future__ import annotations
+
+from glm45_ops.attention.flash import attention_paged, attention_varlen, merge_attn_states  # noqa: F401

@@ -38,7 +38,7 @@ from glm45_ops.moe import MoE
 from glm45_ops.quant import per_block_quant_fp8
 from glm45_ops.reference.quant import FP8_DTYPE
 
-__all__ = ["expected_names", "from_pretrained", "load_weights", "read_checkpoint"]
+__all__ = ["expected_names", "from_pretrained", "hf_state_dict", "load_weights", "read_checkpoint", "save_pretrained"]
 
 
 @dataclass
@@ -224,6 +224,47 @@ def expected_names(model: Glm45ForCausalLM) -> set[str]:
     if model.config.tie_word_embeddings:
         names.discard("lm_head.weight")
     return names
+
+
+def hf_state_dict(model: Glm45ForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's weights under their Hugging Face names (the inverse of :func:`load_weights`):
+    per-expert and separate q/k/v, gate/up tensors, ``weight_scale_inv`` for FP8 weights, the MTP
+    block at ``model.layers.{num_hidden_layers}`` (copies, contiguous)."""
+    targets = _targets(model)
+    return {n: _resolve(targets, n).weight.contiguous().clone() for n in sorted(expected_names(model))}
+
+
+def save_pretrained(model: Glm45ForCausalLM, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> None:
+    """Write ``config.json`` and the weights as safetensors under ``path``: one
+    ``model.safetensors``, or shards of at most ``max_shard_bytes`` with a
+    ``model.safetensors.index.json`` (as transformers lays out large checkpoints)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(model.config.to_hf_dict(), f, indent=2)
+    sd = {k: v.cpu() for k, v in hf_state_dict(model).items()}
+    if max_shard_bytes is None:
+        save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[list[str], Callable[[], Iterator[tuple[str, torch.Tensor]]]]:

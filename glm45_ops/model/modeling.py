@@ -153,8 +153,8 @@ class Attention(torch.nn.Module):
         else:
             kc, vc = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
             attn_ops.kv_cache_write(k, v, kc, vc, step.slots, backend=self.backend)
-            o = attn_ops.attention_paged(q, cu, kc, vc, step.cache.block_table, step.seq_lens, self.scale, True,
-                                         max_seqlen_q=step.n, backend=self.backend)
+            o, _ = attn_ops.attention_paged(q, cu, kc, vc, step.cache.block_table, step.seq_lens, self.scale, True,
+                                            max_seqlen_q=step.n, backend=self.backend)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
@@ -418,6 +418,12 @@ class Glm45ForCausalLM(torch.nn.Module):
         from glm45_ops.model.loading import load_weights
 
         return load_weights(self, weights)
+
+    def save_pretrained(self, path, *, max_shard_bytes: int | None = None) -> None:
+        """Write a Hugging Face checkpoint directory (see :func:`glm45_ops.model.loading.save_pretrained`)."""
+        from glm45_ops.model.loading import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
 
     @classmethod
     def from_pretrained(cls, path, *, dtype: torch.dtype = torch.bfloat16, device=None, backend: str | None = None,

@@ -90,7 +90,13 @@ bench quant 35
 bench gemm 45
 bench speculative 20
 bench muon 25
+bench attention 45
+bench rollout 30
 bench moe 60 --cases "moe_route,moe_align,fused_moe TP8,fused_moe EP8,+shared,grouped_fp8_block_gemm TP8,grouped_bf16_gemm TP8"
+# The reference model end to end (tiny random weights: it checks that the ops assemble on the GPU
+# and prints tokens/s and the MTP acceptance; not a serving benchmark).
+step generate_tiny 30 $PY -P -m glm45_ops.model.generate --preset tiny --batch 8 --max-new-tokens 64 \
+  --speculative mtp --num-draft-tokens 3
 step compile_report 45 $BENCH compile-report --json "$OUT/compile_report.json"
 
 echo "total: $(( $(date +%s) - START ))s" | tee -a "$OUT/summary.txt"

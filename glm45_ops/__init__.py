@@ -13,6 +13,7 @@ from glm45_ops import muon  # noqa: F401  (defines the glm45:: muon ops)
 from glm45_ops import speculative  # noqa: F401  (defines the glm45:: speculative ops)
 from glm45_ops import moe  # noqa: F401  (defines the glm45:: moe ops)
 from glm45_ops import attention  # noqa: F401  (defines the glm45:: attention ops)
+from glm45_ops import rollout  # noqa: F401  (defines the glm45:: rollout ops)
 from glm45_ops._extension import extension_error, extension_loaded
 from glm45_ops._info import info
 
@@ -30,6 +31,7 @@ __all__ = [
     "muon",
     "quant",
     "registered_ops",
+    "rollout",
     "speculative",
     "use_backend",
 ]

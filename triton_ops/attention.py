@@ -47,7 +47,8 @@ from triton_ops import CompileSpec, interpreting
 from triton_ops._common import to_out_dtype
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(LOG2E)  # the kernels' copies (a jit function reads constexpr globals only)
+_LN2 = tl.constexpr(0.6931471805599453)
 MAX_PACK = 128  # query heads of one KV head packed into one M tile at most (GQA groups above: in pieces)
 MAX_SPLITS = 64
 MIN_SPLIT_KEYS = 512  # a split below this many keys costs more in partial writes and merging than it saves
@@ -180,7 +181,7 @@ def _attn_fwd_kernel(
         if FP8_KV:
             out = out * tl.load(v_scale_ptr + kvh)
         out = tl.where(empty[:, None], 0.0, out)
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
         o_ptrs = (o_ptr + split.to(tl.int64) * stride_os + q_rows[:, None] * stride_ot + hq[:, None] * stride_oh
                   + d[None, :])
         tl.store(o_ptrs, to_out_dtype(out, o_ptr.dtype.element_ty, INTERPRET), mask=row_ok[:, None])
@@ -192,7 +193,7 @@ def _merge_step(m, l, acc, lse, o):
     """Fold one state (natural-log ``lse`` ``[BLOCK_H]``, ``o`` ``[BLOCK_H, BLOCK_D]``) into the running
     base-2 max ``m``, weight sum ``l`` and weighted sum ``acc``; an empty state (lse -inf) adds
     nothing, whatever its ``o`` holds."""
-    lse2 = lse * 1.4426950408889634
+    lse2 = lse * _LOG2E
     m_new = tl.maximum(m, lse2)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m - m_use)
@@ -206,7 +207,7 @@ def _merge_finish(m, l, acc, o_ptrs, lse_ptrs, mask_h, mask_d, INTERPRET: tl.con
     empty = l == 0.0
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l)[:, None])
     tl.store(o_ptrs, to_out_dtype(out, o_ptrs.dtype.element_ty, INTERPRET), mask=mask_h[:, None] & mask_d[None, :])
-    lse = (m + tl.math.log2(tl.where(empty, 1.0, l))) * 0.6931471805599453
+    lse = (m + tl.math.log2(tl.where(empty, 1.0, l))) * _LN2
     tl.store(lse_ptrs, tl.where(empty, float("-inf"), lse), mask=mask_h)
 
 
@@ -278,11 +279,13 @@ def pack_size(group: int) -> int:
 def pick_config(pack: int, head_dim: int, max_seqlen_q: int) -> AttnConfig:
     """The tile for ``pack`` packed heads and up to ``max_seqlen_q`` queries per sequence.
 
-    A FIRST GUESS pending H200 tuning. Prefill: 128 x 64 tiles on two warpgroups (wgmma; 128 x
-    128 spills at head dim 128). Decode and MTP verify: the smallest M tile holding every packed
-    row of one sequence (16 = 12 heads x 1 query on mma.sync: wgmma needs 64 rows; 64 = 12 x 4-5
-    queries on one warpgroup's wgmma). Interpreter: few, large programs, and 32-key tiles so the
-    short test sequences still cross unmasked and masked tiles."""
+    A FIRST GUESS pending H200 tuning (sm_90a, head dim 128, no spills in any). Prefill: 128 x 64
+    tiles on two warpgroups' wgmma, 3 stages (186 registers, 128 KB shared; 128 x 128 fits in 240
+    registers with 2 stages, a tuning candidate; one warpgroup spills). Decode and MTP verify:
+    the smallest M tile holding every packed row of one sequence (16 = 12 heads x 1 query on
+    mma.sync, as wgmma needs 64 rows; 64 = 12 x 4-5 queries on one warpgroup's wgmma); decode is
+    bound by the K/V read, not the MMA. Interpreter: few, large programs, and 32-key tiles so
+    the short test sequences still cross unmasked and masked tiles."""
     rows = max(16, triton.next_power_of_2(pack * max(max_seqlen_q, 1)))
     if interpreting():
         return AttnConfig(max(triton.next_power_of_2(pack), min(rows, 64)), 32, 4, 1)
@@ -379,3 +382,73 @@ def merge_attn_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Ten
         out.stride(1), lse.stride(0),
         BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d), INTERPRET=interpreting(),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Default GPU configurations, for `glm45-bench compile-report` (format: triton_ops/__init__.py)
+# ---------------------------------------------------------------------------------------------
+# As the JIT sees GLM-4.5 calls at TP8 (12 query heads over 1 KV head, D = 128): q, k, v views
+# into the fused QKV output [T, 14, 128] (varlen) or a [pages, 16, 1, 128] cache (paged), every
+# stride but the head stride of a single KV head a multiple of 16; num_packs = 1 is specialized.
+
+FP8 = torch.float8_e4m3fn
+_TL = {torch.bfloat16: "bf16", torch.float32: "fp32", FP8: "fp8e4nv"}
+
+
+def _attn_spec(label: str, rows: int, page_size: int, causal: bool, kv_dtype: torch.dtype = torch.bfloat16,
+               split: bool = False) -> CompileSpec:
+    group, head_dim = 12, 128
+    cfg = pick_config(group, head_dim, rows // group)
+    ints = ("total_q", "total_k", "num_pages", "chunk", "stride_qt", "stride_qh", "stride_kt", "stride_ks", "stride_kh",
+            "stride_vt", "stride_vs", "stride_vh", "stride_ot", "stride_oh", "stride_os", "stride_lh", "stride_ls",
+            "stride_bt")
+    sig = {"q_ptr": "*bf16", "k_ptr": f"*{_TL[kv_dtype]}", "v_ptr": f"*{_TL[kv_dtype]}",
+           "o_ptr": "*fp32" if split else "*bf16", "lse_ptr": "*fp32", "cu_q_ptr": "*i32", "kv_len_ptr": "*i32",
+           "bt_ptr": "*i32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "qk_scale": "fp32",
+           **{n: "i32" for n in ints[:3]}, "num_packs": "constexpr", **{n: "i32" for n in ints[3:]},
+           "GROUP": "constexpr", "KV_GROUP": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr",
+           "BLOCK_N": "constexpr", "PAGE_SIZE": "constexpr", "CAUSAL": "constexpr", "FP8_KV": "constexpr",
+           "NUM_STAGES": "constexpr", "INTERPRET": "constexpr"}
+    return CompileSpec(
+        label=f"{label} {cfg.block_m}x{cfg.block_n}" + (f" page {page_size}" if page_size else ""),
+        kernel=_attn_fwd_kernel,
+        signature=sig,
+        constexprs={"num_packs": 1, "GROUP": group, "KV_GROUP": group, "HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m,
+                    "BLOCK_N": cfg.block_n, "PAGE_SIZE": page_size, "CAUSAL": causal, "FP8_KV": kv_dtype == FP8,
+                    "NUM_STAGES": cfg.num_stages, "INTERPRET": False},
+        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+        aligned=("chunk", "stride_qt", "stride_kt", "stride_ks", "stride_vt", "stride_vs", "stride_ot", "stride_oh",
+                 "stride_os", "stride_lh", "stride_ls", "stride_bt") + (("stride_qh",) if not page_size else ()),
+    )
+
+
+def _merge_spec(label: str, kernel, signature: dict[str, str], aligned: tuple[str, ...], **ones: int) -> CompileSpec:
+    """12 heads of 128 (GLM-4.5 TP8) in one program; ``ones``: strides the JIT sees as 1."""
+    return CompileSpec(label=label, kernel=kernel, signature={**signature, "BLOCK_H": "constexpr", "BLOCK_D": "constexpr",
+                                                                 "INTERPRET": "constexpr"},
+                       constexprs={**ones, "BLOCK_H": 16, "BLOCK_D": 128, "INTERPRET": False},
+                       options={"num_warps": 4, "num_stages": 1}, aligned=aligned)
+
+
+COMPILE_SPECS = [
+    _attn_spec("varlen prefill causal", 8192, 0, True),
+    _attn_spec("varlen prefill", 8192, 0, False),
+    _attn_spec("paged decode", 12, 16, True),
+    _attn_spec("paged decode split", 12, 16, True, split=True),
+    _attn_spec("paged decode e4m3 split", 12, 16, True, kv_dtype=FP8, split=True),
+    _attn_spec("paged MTP verify", 48, 16, True),
+    _attn_spec("paged chunked prefill", 8192, 64, True),
+    _merge_spec("split merge -> bf16", _merge_splits_kernel,
+                {"po_ptr": "*fp32", "plse_ptr": "*fp32", "o_ptr": "*bf16", "lse_ptr": "*fp32", "num_heads": "i32",
+                 "head_dim": "i32", "num_splits": "i32", **{n: "i32" for n in ("stride_ps", "stride_pt", "stride_ph",
+                 "stride_ls", "stride_lh", "stride_ot", "stride_oh")}},
+                ("head_dim", "stride_ps", "stride_pt", "stride_ph", "stride_ot", "stride_oh")),
+    _merge_spec("merge_attn_states bf16", _merge_attn_states_kernel,
+                {"oa_ptr": "*bf16", "la_ptr": "*fp32", "ob_ptr": "*bf16", "lb_ptr": "*fp32", "o_ptr": "*bf16",
+                 "lse_ptr": "*fp32", "num_heads": "i32", "head_dim": "i32",
+                 **{n: "i32" for n in ("stride_at", "stride_ah", "stride_bt", "stride_bh", "stride_lah")},
+                 "stride_lat": "constexpr", **{n: "i32" for n in ("stride_lbh",)}, "stride_lbt": "constexpr",
+                 "stride_ot": "i32", "stride_oh": "i32", "stride_lh": "i32"},
+                ("head_dim", "stride_at", "stride_ah", "stride_bt", "stride_bh", "stride_ot", "stride_oh"),
+                stride_lat=1, stride_lbt=1),
+]

@@ -48,6 +48,7 @@ from __future__ import annotations
 import torch
 
 LSE_DTYPE = torch.float32
+SCORE_BUDGET = 1 << 28  # score elements per step (1 GiB in fp32): a GLM-4.5 8k prefill fits a GPU
 
 
 def _states(s: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +88,7 @@ def attention_varlen_ref(
     on the host. fp8 ``k``/``v`` are taken as already-dequantized values (``k_scale`` handled by
     :func:`attention_paged_ref`)."""
     hq, hk = q.shape[1], k.shape[1]
+    g = hq // hk
     out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
     lse = torch.full((hq, q.shape[0]), float("-inf"), dtype=compute_dtype, device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -94,16 +96,19 @@ def attention_varlen_ref(
         q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
         if q1 == q0:
             continue
-        qb = q[q0:q1].to(compute_dtype)
-        kb = k[k0:k1].to(compute_dtype).repeat_interleave(hq // hk, dim=1)
-        vb = v[k0:k1].to(compute_dtype).repeat_interleave(hq // hk, dim=1)
-        s = torch.einsum("qhd,khd->hqk", qb, kb) * sm_scale
         visible = None
         if causal:
             i = torch.arange(q1 - q0, device=q.device)[:, None]
             j = torch.arange(k1 - k0, device=q.device)[None, :]
             visible = j <= i + (k1 - k0) - (q1 - q0)
-        out[q0:q1], lse[:, q0:q1] = _states(s, vb, visible)
+        step = max(1, SCORE_BUDGET // max(1, g * (q1 - q0) * (k1 - k0)))  # KV heads per step
+        for h0 in range(0, hk, step):
+            h1 = min(hk, h0 + step)
+            qb = q[q0:q1, h0 * g:h1 * g].to(compute_dtype)
+            kb = k[k0:k1, h0:h1].to(compute_dtype).repeat_interleave(g, dim=1)
+            vb = v[k0:k1, h0:h1].to(compute_dtype).repeat_interleave(g, dim=1)
+            s = torch.einsum("qhd,khd->hqk", qb, kb) * sm_scale
+            out[q0:q1, h0 * g:h1 * g], lse[h0 * g:h1 * g, q0:q1] = _states(s, vb, visible)
     return out.to(q.dtype), lse.to(LSE_DTYPE)
 
 

@@ -36,7 +36,6 @@ the operands (p included) to fp32 and rounds the output on the fp32 grid (``to_o
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -298,12 +297,14 @@ def num_kv_splits(programs: int, max_keys: int, block_n: int, device: torch.devi
     """``(splits, chunk)``: the keys ``[0, max_keys)`` cut into ``splits`` chunks of ``chunk``
     keys (a multiple of ``block_n``). ``requested`` 0 picks: split until the GPU holds about two
     waves of programs, keeping chunks >= ``MIN_SPLIT_KEYS`` (one split on the CPU, where each
-    program costs interpreter time); else that many splits at most (1: no split)."""
+    program costs interpreter time); else that many splits at most (1: no split), capped at
+    ``MAX_SPLITS``."""
     if requested == 0:
         if device.type != "cuda":
             return 1, NO_SPLIT_CHUNK
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        requested = min(MAX_SPLITS, max(1, 2 * sms // max(programs, 1)), max(1, max_keys // MIN_SPLIT_KEYS))
+        requested = min(max(1, 2 * sms // max(programs, 1)), max(1, max_keys // MIN_SPLIT_KEYS))
+    requested = min(requested, MAX_SPLITS)
     if requested <= 1 or max_keys <= block_n:
         return 1, NO_SPLIT_CHUNK
     chunk = triton.cdiv(triton.cdiv(max_keys, requested), block_n) * block_n

@@ -18,7 +18,7 @@ import torch
 from conftest import cpu_backends
 from glm45_ops import registered_ops
 from glm45_ops.attention import attention_paged, attention_varlen
-from glm45_ops.attention.flash import packed, paged
+from glm45_ops.attention.flash_tables import packed, paged
 from glm45_ops.reference.attention import attention_paged_ref, attention_varlen_ref, gather_paged_kv
 from glm45_ops.reference.quant import FP8_DTYPE
 from glm45_ops.testing import assert_bit_equal, poisoned_outputs
@@ -186,3 +186,22 @@ def test_top_left_alignment_and_unshuffled_pages_fail(gen):
     unshuffled = attention_paged_ref(q, cu_q, k_cache.nan_to_num(0), v_cache.nan_to_num(0), in_order, *args[5:],
                                      compute_dtype=torch.float64)
     assert OP.compare(got, unshuffled, args) is not None
+
+
+def test_bench_cases_build_and_agree():
+    """The benchmark's attention cases at the CPU context (small preset): names unique, every op
+    represented, and the cheapest decode and MTP cases agree across the CPU backends."""
+    from glm45_ops.bench.case import BenchContext
+    from glm45_ops.bench.cases.attention import flash as bench
+    from glm45_ops.config import preset
+
+    ctx = BenchContext(preset("small"), torch.device("cpu"), (64, 8, 1))
+    cases = bench.cases(ctx)
+    names = [c.name for c in cases]
+    assert len(names) == len(set(names))
+    assert {n.split()[0] for n in names} == {"attention_varlen", "attention_paged", "merge_attn_states"}
+    for case in (c for c in cases if c.params.get("B") == 1 and c.params.get("kv_dtype") == "bf16"):
+        runs = [case.make(b, torch.device("cpu"), torch.Generator().manual_seed(0)) for b in BACKENDS]
+        want = runs[0]()
+        for run in runs[1:]:
+            assert OP.compare(run(), want, run.args) is None, case.name

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from conftest import cpu_backends
 from glm45_ops import registered_ops
 from glm45_ops.attention import attention_varlen, merge_attn_states
-from glm45_ops.attention.flash import packed, states
+from glm45_ops.attention.flash_tables import cu_seqlens, packed, states
 from glm45_ops.reference.attention import attention_varlen_ref, merge_attn_states_ref
 from glm45_ops.testing import poisoned_outputs
 
@@ -170,8 +170,7 @@ def test_merge_of_prefix_and_causal_chunk_is_joint_attention(gen, backend, dtype
     q, k, v, cq, ck, mq, mk = packed(lens_q, [p + n for p, n in zip(prefix, lens_q)], hq, hk, d, dtype, gen, "cpu")
     cached = torch.cat([torch.arange(ck[b].item(), ck[b].item() + prefix[b]) for b in range(3)])
     new = torch.cat([torch.arange(ck[b].item() + prefix[b], ck[b + 1].item()) for b in range(3)])
-    cu = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
-    a = attention_varlen(q, k[cached], v[cached], cq, cu(prefix), mq, max(prefix), 0.088, False, return_lse=True,
+    a = attention_varlen(q, k[cached], v[cached], cq, cu_seqlens(prefix), mq, max(prefix), 0.088, False, return_lse=True,
                          backend=backend)
     b = attention_varlen(q, k[new], v[new], cq, cq, mq, mq, 0.088, True, return_lse=True, backend=backend)
     args = (*a, *b)

@@ -45,21 +45,23 @@ def _inv_temperature(t):
 
 
 @triton.jit
-def _online_update(m, s, w, x, c, AXIS: tl.constexpr):
-    """Fold the logits ``x`` (reduced along ``AXIS``) into the state ``(m, s, w)``; ``c`` = 1/t.
-    AXIS 0: one row, ``s`` and ``w`` kept per lane (summed at the end); AXIS 1: a row per
-    ``x[i, :]``, ``m``, ``s``, ``w``, ``c`` per row."""
-    m_new = tl.maximum(m, tl.max(x, axis=AXIS))
+def _online_update(m, s, w, x, ok, c, AXIS: tl.constexpr):
+    """Fold the logits ``x`` where ``ok`` (reduced along ``AXIS``) into the state ``(m, s, w)``;
+    ``c`` = 1/t. AXIS 0: one row, ``s`` and ``w`` kept per lane (summed at the end); AXIS 1: a
+    row per ``x[i, :]``, with ``m``, ``s``, ``w``, ``c`` per row. A state that never saw a value
+    above -inf is dropped exactly (factor 0), even where ``delta`` is ``-inf * 0`` (t = +inf),
+    and lanes outside ``ok`` add nothing (not even the NaN a -inf logit gives at t = +inf)."""
+    m_new = tl.maximum(m, tl.max(tl.where(ok, x, float("-inf")), axis=AXIS))
     ms = tl.where(m_new == float("-inf"), 0.0, m_new)
     delta = (m - ms) * c
-    a = tl.exp(delta)
+    a = tl.where(m == float("-inf"), 0.0, tl.exp(delta))
     w = tl.where(a == 0.0, 0.0, a * (w + s * delta))
     s = s * a
     if AXIS == 1:
         d = (x - ms[:, None]) * c[:, None]
     else:
         d = (x - ms) * c
-    e = tl.exp(d)
+    e = tl.where(ok, tl.exp(d), 0.0)
     ed = tl.where(e == 0.0, 0.0, e * d)
     if AXIS == 1:
         return m_new, s + tl.sum(e, axis=1), w + tl.sum(ed, axis=1)
@@ -102,8 +104,9 @@ def _token_logprobs_kernel(
         w = tl.zeros([BLOCK_V], tl.float32)
         for start in range(0, V, BLOCK_V):
             idx = start + offs
-            x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
-            m, s, w = _online_update(m, s, w, x, c, 0)
+            ok = idx < V
+            x = tl.load(base + idx, mask=ok, other=0.0).to(tl.float32)
+            m, s, w = _online_update(m, s, w, x, ok, c, 0)
         x_i = tl.load(base + tl.where(valid, tok, 0)).to(tl.float32)
         lp, ent, _ = _finish(m, tl.sum(s, axis=0), tl.sum(w, axis=0), x_i, valid, c)
     tl.store(lp_ptr + row, lp)
@@ -195,8 +198,7 @@ def _linear_fwd_kernel(
         col_ok = cols < V
         x = _logits_tile(h_ptr, w_ptr, rows, row_ok, cols.to(tl.int64), col_ok, H, h_st, w_st,
                          UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        x = tl.where(col_ok[None, :], x, float("-inf"))
-        m, s, w = _online_update(m, s, w, x, c, 1)
+        m, s, w = _online_update(m, s, w, x, col_ok[None, :], c, 1)
         here = (tok >= n0) & (tok < n0 + BLOCK_N)
         x_i = tl.where(here, tl.sum(tl.where(cols[None, :] == tok[:, None], x, 0.0), axis=1), x_i)
         if TRACK_ARGMAX:  # lowest id of the largest value (NaN largest): an exact integer max
@@ -243,7 +245,7 @@ def _linear_merge_kernel(
         sk = tl.load(part + T, mask=row_ok, other=0.0)
         wk = tl.load(part + 2 * T, mask=row_ok, other=0.0)
         delta = (mk - ms) * c
-        a = tl.exp(delta)
+        a = tl.where(mk == float("-inf"), 0.0, tl.exp(delta))
         s += sk * a
         w += tl.where(a == 0.0, 0.0, a * (wk + sk * delta))
         if TRACK_ARGMAX:
@@ -381,6 +383,10 @@ def linear_logprobs_backward(
     if n == 0:
         grad_weight.zero_()
         return
+    # the [T] vectors may have any strides (autograd passes sum()'s gradient expanded): the kernel
+    # reads them contiguous (T floats each)
+    grad_logprobs, grad_entropy, grad_lse, entropy, lse = (
+        x.contiguous() for x in (grad_logprobs, grad_entropy, grad_lse, entropy, lse))
     cfg = LinearConfig(n, min(v, chunk_v), h)
     chunk_v = triton.cdiv(chunk_v, cfg.block_n) * cfg.block_n
     has_t = temperatures is not None

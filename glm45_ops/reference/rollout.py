@@ -90,6 +90,7 @@ def token_logprobs_ref(
     logprobs = torch.empty(n, dtype=torch.float32, device=logits.device)
     entropy = torch.empty_like(logprobs)
     t_all = row_temperatures(n, temperature, temperatures, logits.device)
+    may_be_greedy = temperatures is not None or temperature <= 0  # decided without reading the device
     rows = max(1, CHUNK_ELEMS // max(v, 1))
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
@@ -103,7 +104,7 @@ def token_logprobs_ref(
         d_i = d.gather(1, safe)[:, 0]
         s = e.sum(dim=-1)
         w = torch.where(e == 0, 0.0, e * d).sum(dim=-1)
-        hit = valid & (safe[:, 0] == _row_argmax(x))
+        hit = valid & (safe[:, 0] == _row_argmax(x)) if may_be_greedy else valid
         logprobs[r0:r1], entropy[r0:r1], _ = _finish(m[:, 0], s, w, d_i, valid, greedy[:, 0], hit, t[:, 0])
     return logprobs, entropy
 
@@ -122,9 +123,10 @@ def _chunk_stats(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.
 def _rescale(m_from, s, w, ms_to, c):
     """A state ``(s, w)`` relative to max ``m_from``, made relative to ``ms_to``: ``d`` shifts by
     ``delta = (m_from - ms_to) / t <= 0``. A vanished state (factor 0) is exactly 0, never
-    ``0 * -inf``."""
+    ``0 * -inf``; so is one that saw nothing above ``-inf`` (whose ``delta`` may be
+    ``-inf / inf = NaN`` at ``t = +inf``)."""
     delta = (m_from - ms_to) / c
-    a = delta.exp()
+    a = torch.where(m_from == NEG_INF, 0.0, delta.exp())
     return s * a, torch.where(a == 0, 0.0, a * (w + s * delta))
 
 
@@ -145,7 +147,7 @@ def linear_logprobs_ref(
     t_all = row_temperatures(n, temperature, temperatures, dev)[:, 0]
     greedy = t_all <= 0
     c_all = torch.where(greedy, 1.0, t_all)
-    track_argmax = temperatures is not None or temperature <= 0
+    track_argmax = temperatures is not None or temperature <= 0  # decided without reading the device
     valid, safe = _valid_ids(token_ids, v)
     safe = safe[:, 0]
     h32 = hidden.float()

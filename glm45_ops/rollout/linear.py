@@ -30,7 +30,7 @@ from glm45_ops._registry import ErrorInput, Op, Sample
 from glm45_ops.reference import rollout as ref
 from glm45_ops.rollout.logprobs import (check_float, check_ids_and_temperature, check_ids_in_vocab, check_rows,
                                         check_unit_last_stride, check_vocab, compare_rows, row_scale,
-                                        temperature_kwargs)
+                                        temperature_args)
 from glm45_ops.testing import calc_diff
 
 __all__ = ["linear_logprobs", "linear_logprobs_backward"]
@@ -106,7 +106,7 @@ def _samples(device, gen):
     h16, w16, ids16 = _operands(6, 130, 16, torch.float16, gen)
     w16[70] = w16[3]  # tied logits: greedy rows take the lower id
     ids16[2] = 3
-    temps = torch.tensor([0.7, 1.0, 0.0, 1.3, -1.0, 0.25])
+    temps = torch.tensor([0.7, 1.0, 0.0, 1.3, -1.0, float("inf")])
     hs, ws, ids_s = _operands(5, 200, 64, torch.bfloat16, gen)
     h_nf, w_nf, ids_nf, t_nf = _nonfinite(gen)
     return [
@@ -173,9 +173,9 @@ def _launch_bwd(outs, *args):
     tr.linear_logprobs_backward(*args, *outs)
 
 
-def _compare_bwd(got, want, args) -> str | None:
-    """The same NaN and infinities as the reference; the finite entries' ``calc_diff`` below
-    ``GRAD_DIFF_LIMIT`` of the operands' dtype."""
+def compare_grads(got, want, dtype: torch.dtype) -> str | None:
+    """(grad_hidden, grad_weight) against the reference's: the same NaN and infinities, and the
+    finite entries' ``calc_diff`` below ``GRAD_DIFF_LIMIT`` of the operands' ``dtype``."""
     for name, g, w in zip(("grad_hidden", "grad_weight"), got, want):
         g, w = g.detach().cpu().double(), w.detach().cpu().double()
         if g.shape != w.shape:
@@ -184,10 +184,13 @@ def _compare_bwd(got, want, args) -> str | None:
         if not (torch.equal(g.isnan(), w.isnan()) and torch.equal(g[~finite & ~w.isnan()], w[~finite & ~w.isnan()])):
             return f"{name}: NaN/inf at different places than the reference"
         diff = calc_diff(g[finite], w[finite])
-        limit = GRAD_DIFF_LIMIT[args[3].dtype]
-        if diff > limit:
-            return f"{name}: calc_diff {diff:.3g} > {limit:g}"
+        if diff > GRAD_DIFF_LIMIT[dtype]:
+            return f"{name}: calc_diff {diff:.3g} > {GRAD_DIFF_LIMIT[dtype]:g}"
     return None
+
+
+def _compare_bwd(got, want, args) -> str | None:
+    return compare_grads(got, want, args[3].dtype)
 
 
 def _bwd_sample(h, w, ids, gen, temperature=1.0, temperatures=None):
@@ -206,7 +209,7 @@ def _bwd_samples(device, gen):
     return [
         Sample(to(_bwd_sample(*_operands(5, 300, 32, torch.bfloat16, gen), gen))),
         Sample(to(_bwd_sample(*_operands(4, 1000, 48, torch.float32, gen), gen, 0.7)), note="fp32"),
-        Sample(to(_bwd_sample(h16, w16, ids16, gen, 1.0, torch.tensor([0.7, 1.0, 0.0, 1.3, -1.0, 0.25]))),
+        Sample(to(_bwd_sample(h16, w16, ids16, gen, 1.0, torch.tensor([0.7, 1.0, 0.0, 1.3, -1.0, float("inf")]))),
                note="per-row temperatures with greedy rows"),
         Sample(to(_bwd_sample(h_s[:, :40], w_s[:, 8:48], ids_s, gen)), note="row-strided operands"),
         Sample(to(_bwd_sample(torch.empty(0, 32), torch.randn(50, 32, generator=gen), torch.empty(0, dtype=torch.int64),
@@ -295,6 +298,7 @@ def linear_logprobs(
     weight: torch.Tensor,
     token_ids: torch.Tensor,
     temperature: float | torch.Tensor = _DEFAULTS["temperature"],
+    temperatures: torch.Tensor | None = _DEFAULTS["temperatures"],
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,10 +310,11 @@ def linear_logprobs(
     are ``hidden @ weight^T`` accumulated in fp32; ``temperature`` (a number or an fp32 ``[T]``
     tensor) and every edge value are as in :func:`token_logprobs`. The raw op
     ``torch.ops.glm45.linear_logprobs`` also returns ``lse = logsumexp(logits / t)`` (fp32 ``[T]``,
-    differentiable) and takes a per-row temperature as ``temperatures=``.
+    differentiable); ``temperatures`` is the schema's form of a per-row temperature, accepted here too.
     """
     n = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() == 2 else None
-    logprobs, entropy, _ = _op(hidden, weight, token_ids, **temperature_kwargs(temperature, n), backend=backend)
+    logprobs, entropy, _ = _op(hidden, weight, token_ids, **temperature_args(temperature, temperatures, n),
+                               backend=backend)
     return logprobs, entropy
 
 

@@ -94,8 +94,8 @@ def compare_rows(got, want, t: torch.Tensor, scale: torch.Tensor, names: tuple[s
     (``d_i - log s``, ``log s - sum p d``, ``m / t + log s``) may move by ~eps times the largest
     ``|x| / t`` of its row (``scale`` includes it), plus ~eps per halving of the summation tree
     (``log2 V``) and the few roundings of ``exp``, ``log`` and the online rescaling."""
-    if len(got) != len(names):
-        return f"{len(got)} outputs, want {len(names)}"
+    if len(got) != len(want):
+        return f"{len(got)} outputs, reference has {len(want)}"
     greedy = t <= 0
     tol = TOL_ULPS * _EPS * scale
     for name, g, w in zip(names, got, want):
@@ -169,9 +169,10 @@ def _ids(n, v, gen, dtype=torch.int64):
 
 def _nonfinite(gen):
     """Masked vocabulary (-inf, a -inf target), NaN / +inf / all -inf rows, and temperatures
-    (per row) of 0, NaN, +inf and a tiny positive value."""
-    x = _logits((9, 200), torch.float32, gen)
-    ids = _ids(9, 200, gen)
+    (per row) of 0, NaN, +inf (uniform over finite logits, NaN with a -inf one) and a tiny
+    positive value."""
+    x = _logits((10, 200), torch.float32, gen)
+    ids = _ids(10, 200, gen)
     x[0, 50:150] = float("-inf")  # masked vocabulary
     x[1, ::2] = float("-inf")
     ids[1] = 4  # a masked target: logprob -inf
@@ -182,7 +183,7 @@ def _nonfinite(gen):
     x[6, :100] = float("-inf")  # with t = 0: greedy over the unmasked half
     x[7, 10:12] = x[7].max() + 1.0  # a tie at the max with a tiny temperature: shared mass
     ids[7] = 11
-    t = torch.tensor([1.0, 0.5, 1.0, 1.0, 1.0, float("inf"), 0.0, 1e-30, float("nan")])
+    t = torch.tensor([1.0, 0.5, 1.0, 1.0, 1.0, float("inf"), 0.0, 1e-30, float("nan"), float("inf")])
     return x, ids, t
 
 
@@ -246,12 +247,13 @@ _op = Op(
 _DEFAULTS = {a.name: a.default for a in _op.args}  # the schema's, for the wrapper's signature
 
 
-def temperature_kwargs(temperature, n_rows: int | None) -> dict:
-    """The public ``temperature`` (a number, or a tensor of ``[T]`` or 0-dim) as the schema's
-    argument: ``{"temperature": number}`` or ``{"temperatures": tensor}`` (a 0-dim tensor
-    broadcast to ``[T]`` as a view)."""
+def temperature_args(temperature, temperatures, n_rows: int | None) -> dict:
+    """The public ``temperature`` (a number, or a tensor of ``[T]`` or 0-dim) and ``temperatures``
+    as the schema's arguments; a 0-dim tensor is broadcast to ``[T]`` (a view)."""
     if not isinstance(temperature, torch.Tensor):
-        return {"temperature": temperature}
+        return {"temperature": temperature, "temperatures": temperatures}
+    if temperatures is not None:
+        raise ValueError("give per-row temperatures once: as temperature or as temperatures, not both")
     if temperature.dim() == 0 and n_rows is not None:
         temperature = temperature.expand(n_rows)
     return {"temperatures": temperature}
@@ -261,6 +263,7 @@ def token_logprobs(
     logits: torch.Tensor,
     token_ids: torch.Tensor,
     temperature: float | torch.Tensor = _DEFAULTS["temperature"],
+    temperatures: torch.Tensor | None = _DEFAULTS["temperatures"],
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,11 +281,11 @@ def token_logprobs(
     ``-inf`` elsewhere, entropy 0); a NaN number is refused, a NaN entry gives its row NaN.
     ``-inf`` logits are a masked vocabulary (probability 0, no entropy contribution). Ids outside
     ``[0, V)`` are refused on CPU and give ``-inf`` elsewhere (checking would cost a host sync).
-    Full definition, NaN/inf included: :mod:`glm45_ops.reference.rollout`. The raw op takes a
-    per-row temperature as ``temperatures=`` (module docstring).
+    Full definition, NaN/inf included: :mod:`glm45_ops.reference.rollout`. ``temperatures`` is
+    the schema's form of a per-row temperature (``temperature`` then stays 1.0), accepted here too.
     """
     n = logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
-    return _op(logits, token_ids, **temperature_kwargs(temperature, n), backend=backend)
+    return _op(logits, token_ids, **temperature_args(temperature, temperatures, n), backend=backend)
 
 
 OPS = (_op,)

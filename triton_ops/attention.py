@@ -22,7 +22,7 @@ every K/V row is addressed through the table (page ids clamped into the cache), 
 span pages. e4m3 caches: ``k_scale`` is folded into the score scale and ``v_scale`` applied to
 the accumulator, so the tiles go to the tensor cores as exact 16-bit values.
 
-Split-KV (long contexts, few query tiles): program ``(tile, b, head pack, split)`` takes the keys
+Split-KV (long contexts, few query tiles): program ``(tile of b and head pack, split)`` takes the keys
 ``[split * chunk, (split + 1) * chunk)`` and writes its normalised partial output (fp32) and lse;
 ``_merge_splits_kernel`` combines them (the ``merge_attn_states`` rule, ``_merge_step``).
 
@@ -105,7 +105,7 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, bt_row, start, end, k_start, seq_k
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, m_i, l_i
 
@@ -113,21 +113,23 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, bt_row, start, end, k_start, seq_k
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, kv_len_ptr, bt_ptr, k_scale_ptr, v_scale_ptr,
-    qk_scale, total_q, total_k, num_pages, num_packs, chunk,
+    qk_scale, total_q, total_k, num_pages, num_packs, q_tiles, chunk,
     stride_qt, stride_qh, stride_kt, stride_ks, stride_kh, stride_vt, stride_vs, stride_vh,
     stride_ot, stride_oh, stride_os, stride_lh, stride_ls, stride_bt,
     GROUP: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, FP8_KV: tl.constexpr,
     NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Program ``(query tile, b * num_packs + pack, split)``: ``GROUP`` query heads (of the
-    ``KV_GROUP`` sharing one KV head) times ``BLOCK_M // GROUP`` positions of sequence ``b``.
-    ``kv_len_ptr``: ``cu_seqlens_k`` (packed, ``PAGE_SIZE == 0``) or ``seq_lens`` (paged)."""
+    """Program ``((b * num_packs + pack) * q_tiles + tile, split)``: ``GROUP`` query heads (of the
+    ``KV_GROUP`` sharing one KV head) times ``BLOCK_M // GROUP`` positions of sequence ``b`` (one
+    grid dimension for all three: CUDA caps the others at 65535). ``kv_len_ptr``:
+    ``cu_seqlens_k`` (packed, ``PAGE_SIZE == 0``) or ``seq_lens`` (paged)."""
     Q_TILE: tl.constexpr = BLOCK_M // GROUP
-    b = tl.program_id(1) // num_packs
-    hq0 = (tl.program_id(1) % num_packs) * GROUP
+    tile = tl.program_id(0) % q_tiles
+    b = tl.program_id(0) // q_tiles // num_packs
+    hq0 = (tl.program_id(0) // q_tiles % num_packs) * GROUP
     kvh = hq0 // KV_GROUP
-    split = tl.program_id(2)
+    split = tl.program_id(1)
     # sequence bounds, clamped into the tensors (bad device values cannot address outside them)
     q_start = tl.minimum(tl.maximum(tl.load(cu_q_ptr + b), 0), total_q)
     seq_q = tl.minimum(tl.maximum(tl.load(cu_q_ptr + b + 1), q_start), total_q) - q_start
@@ -137,7 +139,7 @@ def _attn_fwd_kernel(
     else:
         k_start = 0
         seq_k = tl.minimum(tl.maximum(tl.load(kv_len_ptr + b), 0), total_k)
-    pos0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * Q_TILE  # longest causal tiles first
+    pos0 = (q_tiles - 1 - tile) * Q_TILE  # a sequence's longest causal tiles first
     if pos0 < seq_q:
         r = tl.arange(0, BLOCK_M)
         d = tl.arange(0, HEAD_DIM)
@@ -349,10 +351,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
         o_dst = torch.empty((splits, total_q, hq, head_dim), dtype=torch.float32, device=q.device)
         lse_dst = torch.empty((splits, hq, total_q), dtype=torch.float32, device=q.device)
         stride_os, stride_ls = o_dst.stride(0), lse_dst.stride(0)
-    grid = (q_tiles, batch * num_packs, splits)
+    grid = (q_tiles * batch * num_packs, splits)
     _attn_fwd_kernel[grid](
         q, k, v, o_dst, lse_dst, cu_seqlens_q, kv_lens, table, k_scale if fp8 else lse, v_scale if fp8 else lse,
-        sm_scale * LOG2E, total_q, total_k, num_pages, num_packs, chunk,
+        sm_scale * LOG2E, total_q, total_k, num_pages, num_packs, q_tiles, chunk,
         q.stride(0), q.stride(1), *strides, o_dst.stride(-3), o_dst.stride(-2), stride_os, lse_dst.stride(-2),
         stride_ls, bt_stride,
         GROUP=pack, KV_GROUP=group, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=page_size,
@@ -400,13 +402,15 @@ def _attn_spec(label: str, rows: int, page_size: int, causal: bool, kv_dtype: to
                split: bool = False) -> CompileSpec:
     group, head_dim = 12, 128
     cfg = pick_config(group, head_dim, rows // group)
-    ints = ("total_q", "total_k", "num_pages", "chunk", "stride_qt", "stride_qh", "stride_kt", "stride_ks", "stride_kh",
+    one_tile = rows <= cfg.block_m  # decode / MTP verify: q_tiles = 1, which the JIT specializes
+    ints = ("total_q", "total_k", "num_pages", "q_tiles", "chunk", "stride_qt", "stride_qh", "stride_kt", "stride_ks", "stride_kh",
             "stride_vt", "stride_vs", "stride_vh", "stride_ot", "stride_oh", "stride_os", "stride_lh", "stride_ls",
             "stride_bt")
     sig = {"q_ptr": "*bf16", "k_ptr": f"*{_TL[kv_dtype]}", "v_ptr": f"*{_TL[kv_dtype]}",
            "o_ptr": "*fp32" if split else "*bf16", "lse_ptr": "*fp32", "cu_q_ptr": "*i32", "kv_len_ptr": "*i32",
            "bt_ptr": "*i32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "qk_scale": "fp32",
            **{n: "i32" for n in ints[:3]}, "num_packs": "constexpr", **{n: "i32" for n in ints[3:]},
+           **({"q_tiles": "constexpr"} if one_tile else {}),
            "GROUP": "constexpr", "KV_GROUP": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr",
            "BLOCK_N": "constexpr", "PAGE_SIZE": "constexpr", "CAUSAL": "constexpr", "FP8_KV": "constexpr",
            "NUM_STAGES": "constexpr", "INTERPRET": "constexpr"}
@@ -414,7 +418,7 @@ def _attn_spec(label: str, rows: int, page_size: int, causal: bool, kv_dtype: to
         label=f"{label} {cfg.block_m}x{cfg.block_n}" + (f" page {page_size}" if page_size else ""),
         kernel=_attn_fwd_kernel,
         signature=sig,
-        constexprs={"num_packs": 1, "GROUP": group, "KV_GROUP": group, "HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m,
+        constexprs={"num_packs": 1, **({"q_tiles": 1} if one_tile else {}), "GROUP": group, "KV_GROUP": group, "HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m,
                     "BLOCK_N": cfg.block_n, "PAGE_SIZE": page_size, "CAUSAL": causal, "FP8_KV": kv_dtype == FP8,
                     "NUM_STAGES": cfg.num_stages, "INTERPRET": False},
         options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},

@@ -205,3 +205,27 @@ def test_bench_cases_build_and_agree():
         want = runs[0]()
         for run in runs[1:]:
             assert OP.compare(run(), want, run.args) is None, case.name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp8_cache_written_by_kv_cache_write(gen, backend):
+    """End to end with the cache writer: keys and values written through kv_cache_write into
+    shuffled e4m3 pages (its per-head scales), then attended: the oracle on the dequantized cache,
+    and within e4m3's resolution of attention on the unquantized keys (calc_diff)."""
+    from glm45_ops.attention import kv_cache_write
+    from glm45_ops.testing import calc_diff
+
+    lens_q, lens_k, hq, hk, d, page = [1, 4], [37, 20], 12, 2, 128, 16
+    q, k, v, cu_q, cu_k, *_ = packed(lens_q, lens_k, hq, hk, d, torch.bfloat16, gen, "cpu")
+    pages = [-(-n // page) for n in lens_k]
+    table = torch.randperm(sum(pages) + 2, generator=gen)[:sum(pages)].to(torch.int32)
+    table = torch.nn.utils.rnn.pad_sequence(table.split(pages), batch_first=True, padding_value=-1).to(torch.int32)
+    slots = torch.cat([table[b, torch.arange(n) // page].long() * page + torch.arange(n) % page
+                       for b, n in enumerate(lens_k)])
+    scales = [t.float().abs().amax(dim=(0, 2)) / 448 for t in (k, v)]
+    caches = [torch.zeros(sum(pages) + 2, page, hk, d).to(FP8_DTYPE) for _ in range(2)]
+    kv_cache_write(k, v, *caches, slots, *scales, backend=backend)
+    args = (q, cu_q, *caches, table, torch.tensor(lens_k, dtype=torch.int32), d**-0.5, True, 4, 0, *scales)
+    got = _check(args, backend)
+    exact = attention_varlen(q, k, v, cu_q, cu_k, 4, 37, d**-0.5, backend="torch")
+    assert calc_diff(got[0], exact) < 1e-3

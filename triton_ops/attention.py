@@ -22,9 +22,9 @@ every K/V row is addressed through the table (page ids clamped into the cache), 
 span pages. e4m3 caches: ``k_scale`` is folded into the score scale and ``v_scale`` applied to
 the accumulator, so the tiles go to the tensor cores as exact 16-bit values.
 
-Split-KV (long contexts, few query tiles): program ``(tile of b and head pack, split)`` takes the keys
-``[split * chunk, (split + 1) * chunk)`` and writes its normalised partial output (fp32) and lse;
-``_merge_splits_kernel`` combines them (the ``merge_attn_states`` rule, ``_merge_step``).
+Split-KV (long contexts, few query tiles): program ``(query tile, split)`` takes the keys
+``[split * chunk, (split + 1) * chunk)`` and writes its normalised partial output (fp32) and
+lse; ``_merge_splits_kernel`` combines them (the ``merge_attn_states`` rule, ``_merge_step``).
 
 Non-finite rules follow the reference: rows that see no key (or only ``-inf`` scores) get out 0
 and lse ``-inf`` (the max is replaced by 0 before ``exp2`` so no ``inf - inf`` appears), and the
@@ -352,6 +352,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
         lse_dst = torch.empty((splits, hq, total_q), dtype=torch.float32, device=q.device)
         stride_os, stride_ls = o_dst.stride(0), lse_dst.stride(0)
     grid = (q_tiles * batch * num_packs, splits)
+    if grid[0] == 0:  # max_seqlen_q = 0 with queries (refused on CPU): nothing to attend
+        return
     _attn_fwd_kernel[grid](
         q, k, v, o_dst, lse_dst, cu_seqlens_q, kv_lens, table, k_scale if fp8 else lse, v_scale if fp8 else lse,
         sm_scale * LOG2E, total_q, total_k, num_pages, num_packs, q_tiles, chunk,
@@ -403,7 +405,8 @@ def _attn_spec(label: str, rows: int, page_size: int, causal: bool, kv_dtype: to
     group, head_dim = 12, 128
     cfg = pick_config(group, head_dim, rows // group)
     one_tile = rows <= cfg.block_m  # decode / MTP verify: q_tiles = 1, which the JIT specializes
-    ints = ("total_q", "total_k", "num_pages", "q_tiles", "chunk", "stride_qt", "stride_qh", "stride_kt", "stride_ks", "stride_kh",
+    ints = ("total_q", "total_k", "num_pages", "q_tiles", "chunk", "stride_qt", "stride_qh", "stride_kt", "stride_ks",
+            "stride_kh",
             "stride_vt", "stride_vs", "stride_vh", "stride_ot", "stride_oh", "stride_os", "stride_lh", "stride_ls",
             "stride_bt")
     sig = {"q_ptr": "*bf16", "k_ptr": f"*{_TL[kv_dtype]}", "v_ptr": f"*{_TL[kv_dtype]}",
@@ -418,9 +421,9 @@ def _attn_spec(label: str, rows: int, page_size: int, causal: bool, kv_dtype: to
         label=f"{label} {cfg.block_m}x{cfg.block_n}" + (f" page {page_size}" if page_size else ""),
         kernel=_attn_fwd_kernel,
         signature=sig,
-        constexprs={"num_packs": 1, **({"q_tiles": 1} if one_tile else {}), "GROUP": group, "KV_GROUP": group, "HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m,
-                    "BLOCK_N": cfg.block_n, "PAGE_SIZE": page_size, "CAUSAL": causal, "FP8_KV": kv_dtype == FP8,
-                    "NUM_STAGES": cfg.num_stages, "INTERPRET": False},
+        constexprs={"num_packs": 1, **({"q_tiles": 1} if one_tile else {}), "GROUP": group, "KV_GROUP": group,
+                    "HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "PAGE_SIZE": page_size,
+                    "CAUSAL": causal, "FP8_KV": kv_dtype == FP8, "NUM_STAGES": cfg.num_stages, "INTERPRET": False},
         options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
         aligned=("chunk", "stride_qt", "stride_kt", "stride_ks", "stride_vt", "stride_vs", "stride_ot", "stride_oh",
                  "stride_os", "stride_lh", "stride_ls", "stride_bt") + (("stride_qh",) if not page_size else ()),

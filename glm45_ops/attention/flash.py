@@ -150,7 +150,8 @@ def _compare_states(got, want, vmax: float, score_err: float) -> str | None:
         if g.shape != w.shape or g.dtype != w.dtype:
             return f"{what}: {g.dtype}{list(g.shape)} vs reference {w.dtype}{list(w.shape)}"
     if not torch.equal(torch.isfinite(go), torch.isfinite(wo)):
-        return f"out: non-finite at {int((~torch.isfinite(go)).sum())} values, the reference at {int((~torch.isfinite(wo)).sum())}"
+        bad = [int((~torch.isfinite(t)).sum()) for t in (go, wo)]
+        return f"out: non-finite at {bad[0]} values, the reference at {bad[1]}"
     for what, mask in (("NaN", torch.isnan), ("-inf", lambda t: t == float("-inf"))):
         if not torch.equal(mask(gl), mask(wl)):
             return f"lse: {what} at {int(mask(gl).sum())} rows, the reference at {int(mask(wl).sum())}"
@@ -166,7 +167,8 @@ def _compare_states(got, want, vmax: float, score_err: float) -> str | None:
     fl = torch.isfinite(wl)
     lse_excess = (gl.double() - wl.double()).abs() - (_LSE_TOL * (1 + wl.double().abs()) + score_err)
     if fl.any() and lse_excess[fl].max() > 0:
-        return f"lse: {int((lse_excess[fl] > 0).sum())} values beyond the tolerance, worst excess {lse_excess[fl].max().item():.3g}"
+        return (f"lse: {int((lse_excess[fl] > 0).sum())} values beyond the tolerance, worst excess "
+                f"{lse_excess[fl].max().item():.3g}")
     return None
 
 

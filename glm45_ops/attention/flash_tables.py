@@ -94,8 +94,8 @@ def varlen_errors(device):
         cu = lambda *vals: torch.tensor(vals, dtype=torch.int32)  # noqa: E731
         errors += [ErrorInput(with_(**kw), match=m, fake=False) for kw, m in (
             ({"cu_seqlens_q": cu(0, 3, 7)}, r"cu_seqlens_q must run from 0 to 8 \(every query row in one sequence\)"),
-            ({"cu_seqlens_q": cu(0, 9, 8)}, r"cu_seqlens_q must be nondecreasing within \[0, 8\], got cu_seqlens_q\[1\] = 9"),
-            ({"cu_seqlens_k": cu(0, 5, 4)}, r"cu_seqlens_k must be nondecreasing within \[0, 10\], got cu_seqlens_k\[2\] = 4"),
+            ({"cu_seqlens_q": cu(0, 9, 8)}, r"nondecreasing within \[0, 8\], got cu_seqlens_q\[1\] = 9"),
+            ({"cu_seqlens_k": cu(0, 5, 4)}, r"nondecreasing within \[0, 10\], got cu_seqlens_k\[2\] = 4"),
             ({"cu_seqlens_k": cu(0, 4, 11)}, r"got cu_seqlens_k\[2\] = 11"),
             ({"max_seqlen_q": 4}, r"max_seqlen_q = 4 is below sequence 1's length 5 \(cu_seqlens_q\)"),
             ({"max_seqlen_k": 5}, r"max_seqlen_k = 5 is below sequence 1's length 6 \(cu_seqlens_k\)"),
@@ -258,7 +258,8 @@ def merge_errors(device):
         ErrorInput((oa, la, ob[:2], lb), match="out_b must match out_a"),
         ErrorInput((oa, la.t(), ob, lb), match=r"lse_a must be float32 \[H, T\] = \[4, 3\], got torch.float32\[3, 4\]"),
         ErrorInput((oa, la, ob, lb.double()), match=r"lse_b must be float32 \[H, T\]"),
-        ErrorInput((oa.transpose(1, 2).contiguous().transpose(1, 2), la, ob, lb), match="out_a must be contiguous in its last dim"),
+        ErrorInput((oa.transpose(1, 2).contiguous().transpose(1, 2), la, ob, lb),
+                   match="out_a must be contiguous in its last dim"),
         ErrorInput((oa, la, ob, lb.to("meta")), match="out_a, lse_a, out_b, lse_b must be on one device"),
         ErrorInput((oa, None, ob, lb), exc=TypeError, match="lse_a must be torch.Tensor, got NoneType", raw=False),
     ]

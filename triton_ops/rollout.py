@@ -64,7 +64,8 @@ def _online_update(m, s, w, x, ok, c, AXIS: tl.constexpr):
     e = tl.where(ok, tl.exp(d), 0.0)
     ed = tl.where(e == 0.0, 0.0, e * d)
     if AXIS == 1:
-        return m_new, s + tl.sum(e, axis=1), w + tl.sum(ed, axis=1)
+        e = tl.sum(e, axis=1)
+        ed = tl.sum(ed, axis=1)
     return m_new, s + e, w + ed
 
 
@@ -74,7 +75,7 @@ def _finish(m, s, w, x_i, valid, c):
     ms = tl.where(m == float("-inf"), 0.0, m)
     log_s = tl.log(s)
     lp = tl.where(valid, (x_i - ms) * c, float("-inf")) - log_s
-    ent = log_s - w / s
+    ent = log_s - tl.math.div_rn(w, s)
     lse = tl.where(s == 0.0, float("nan"), ms * c + log_s)  # s == 0: a row of -inf
     return lp, ent, lse
 
@@ -198,9 +199,6 @@ def _linear_fwd_kernel(
         col_ok = cols < V
         x = _logits_tile(h_ptr, w_ptr, rows, row_ok, cols.to(tl.int64), col_ok, H, h_st, w_st,
                          UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        m, s, w = _online_update(m, s, w, x, col_ok[None, :], c, 1)
-        here = (tok >= n0) & (tok < n0 + BLOCK_N)
-        x_i = tl.where(here, tl.sum(tl.where(cols[None, :] == tok[:, None], x, 0.0), axis=1), x_i)
         if TRACK_ARGMAX:  # lowest id of the largest value (NaN largest): an exact integer max
             key = tl.where(col_ok[None, :], order_key(x, _NAN_KEY), _INT32_MIN)
             tile_key = tl.max(key, axis=1)
@@ -208,6 +206,9 @@ def _linear_fwd_kernel(
             better = tile_key > best_key  # strict: earlier (lower) tiles win ties
             best_key = tl.where(better, tile_key, best_key)
             best_id = tl.where(better, tile_id, best_id)
+        here = (tok >= n0) & (tok < n0 + BLOCK_N)
+        x_i = tl.where(here, tl.sum(tl.where(cols[None, :] == tok[:, None], x, 0.0), axis=1), x_i)
+        m, s, w = _online_update(m, s, w, x, col_ok[None, :], c, 1)
     part = part_ptr + split.to(tl.int64) * (4 * T) + rows
     tl.store(part, m, mask=row_ok)
     tl.store(part + T, s, mask=row_ok)

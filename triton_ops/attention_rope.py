@@ -217,3 +217,69 @@ def kv_cache_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> No
         k, v, *ptrs, t, hk, k.stride(0), k.stride(1), v.stride(0), v.stride(1), *scalars,
         D=d, FP8=fp8, BLOCK_T=block_t, ROUND_ON_GRID=interpreting(), num_warps=_WARPS,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Default GPU configurations, for `glm45-bench compile-report` (format: triton_ops/__init__.py)
+# ---------------------------------------------------------------------------------------------
+# GLM-4.5 TP8 shapes: D = 128, R = 64, heads and rows of the fused QKV projection (strides are
+# multiples of 16 elements), unit position / slot / scale strides, int64 positions, int32 slots.
+
+_TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_ROPE_STRIDES = ("q_st", "q_sh", "k_st", "k_sh", "v_st", "v_sh", "qo_st", "qo_sh", "ko_st", "ko_sh")
+_CACHE_STRIDES = ("kc_sp", "kc_so", "kc_sh", "vc_sp", "vc_so", "vc_sh")
+_OPTIONS = {"num_warps": _WARPS, "enable_fp_fusion": False}
+
+
+def _rope_spec(label: str, dtype: torch.dtype, norm: bool, cache: torch.dtype | None) -> CompileSpec:
+    dt = _TL[dtype]
+    cache_ty = "*u8" if cache == torch.float8_e4m3fn else f"*{dt}"
+    sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "qw_ptr": f"*{dt}", "kw_ptr": f"*{dt}",
+           "pos_ptr": "*i64", "cs_ptr": "*fp32", "qo_ptr": f"*{dt}", "ko_ptr": f"*{dt}", "kc_ptr": cache_ty,
+           "vc_ptr": cache_ty, "slot_ptr": "*i32", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
+           "T": "i32", "Hq": "i32", "Hk": "i32", "max_pos": "i32", "eps": "fp32",
+           **{s: "i32" for s in _ROPE_STRIDES}, "pos_s": "constexpr", "cs_st": "i32",
+           "slot_s": "constexpr", "num_slots": "i32", "page_size": "i32", **{s: "i32" for s in _CACHE_STRIDES},
+           "ks_s": "constexpr", "vs_s": "constexpr",
+           **{c: "constexpr" for c in ("D", "R", "HAS_QW", "HAS_KW", "WRITE_CACHE", "FP8", "BLOCK_T", "HALF_P",
+                                       "PASS_P", "ROUND_ON_GRID")}}
+    return CompileSpec(
+        label=label,
+        kernel=_qk_norm_rope_kernel,
+        signature=sig,
+        constexprs={"pos_s": 1, "slot_s": 1, "ks_s": 1, "vs_s": 1, "D": 128, "R": 64, "HAS_QW": norm, "HAS_KW": norm,
+                    "WRITE_CACHE": cache is not None, "FP8": cache == torch.float8_e4m3fn, "BLOCK_T": _GPU_BLOCK_T,
+                    "HALF_P": 32, "PASS_P": 64, "ROUND_ON_GRID": False},
+        options=_OPTIONS,
+        aligned=(*_ROPE_STRIDES, "cs_st", "page_size", *_CACHE_STRIDES),
+    )
+
+
+def _kv_spec(label: str, dtype: torch.dtype, cache: torch.dtype) -> CompileSpec:
+    dt = _TL[dtype]
+    cache_ty = "*u8" if cache == torch.float8_e4m3fn else f"*{dt}"
+    strides = ("k_st", "k_sh", "v_st", "v_sh")
+    return CompileSpec(
+        label=label,
+        kernel=_kv_cache_write_kernel,
+        signature={"k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "kc_ptr": cache_ty, "vc_ptr": cache_ty, "slot_ptr": "*i32",
+                   "ks_ptr": "*fp32", "vs_ptr": "*fp32", "T": "i32", "Hk": "i32", **{s: "i32" for s in strides},
+                   "slot_s": "constexpr", "num_slots": "i32", "page_size": "i32",
+                   **{s: "i32" for s in _CACHE_STRIDES}, "ks_s": "constexpr", "vs_s": "constexpr",
+                   "D": "constexpr", "FP8": "constexpr", "BLOCK_T": "constexpr", "ROUND_ON_GRID": "constexpr"},
+        constexprs={"slot_s": 1, "ks_s": 1, "vs_s": 1, "D": 128, "FP8": cache == torch.float8_e4m3fn,
+                    "BLOCK_T": _GPU_BLOCK_T, "ROUND_ON_GRID": False},
+        options={"num_warps": _WARPS},
+        aligned=(*strides, "page_size", *_CACHE_STRIDES),
+    )
+
+
+COMPILE_SPECS = [
+    _rope_spec("qk_norm_rope bf16 D=128 R=64", torch.bfloat16, True, None),
+    _rope_spec("qk_norm_rope bf16 no norm (Air)", torch.bfloat16, False, None),
+    _rope_spec("qk_norm_rope fp32 D=128 R=64", torch.float32, True, None),
+    _rope_spec("qk_norm_rope_kv_write bf16 -> bf16 cache", torch.bfloat16, True, torch.bfloat16),
+    _rope_spec("qk_norm_rope_kv_write bf16 -> fp8 cache", torch.bfloat16, True, torch.float8_e4m3fn),
+    _kv_spec("kv_cache_write bf16 -> bf16 cache", torch.bfloat16, torch.bfloat16),
+    _kv_spec("kv_cache_write bf16 -> fp8 cache", torch.bfloat16, torch.float8_e4m3fn),
+]

@@ -16,7 +16,8 @@ Backends: the torch reference, Triton (``triton_ops/attention_rope.py``: a progr
 tokens and head) and CUDA (``csrc/attention/qk_norm_rope.cu``: a group of lanes per token and
 head, 16-byte accesses). Without the norm every backend equals the reference bit for bit; with
 it, within ``NORM_TOL`` (a kernel's sum of squares and ``1 / sqrt`` round differently from
-torch's). The cache writes equal the reference bit for bit.
+torch's). ``kv_cache_write`` equals the reference bit for bit, and the fused op's cache holds
+exactly the ``k_out`` it returns (or its e4m3 bytes).
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Every kernel-shaped step is one of our ops, with ``backend`` passed through: the fused q/k/v
 projection (a plain matmul in BF16, :func:`glm45_ops.gemm.fp8_linear` in FP8), QK-Norm + partial
-RoPE (:func:`glm45_ops.attention.qk_norm_rope`), the paged KV-cache write and attention
-(:func:`~glm45_ops.attention.kv_cache_write`, :func:`~glm45_ops.attention.attention_paged`, or
-:func:`~glm45_ops.attention.attention_varlen` for a cache-less forward), the routed and shared
+RoPE fused with the paged KV-cache write (:func:`glm45_ops.attention.qk_norm_rope_kv_write`) and
+paged attention (:func:`~glm45_ops.attention.attention_paged`), or :func:`~glm45_ops.attention.qk_norm_rope`
+and :func:`~glm45_ops.attention.attention_varlen` for a cache-less forward, the routed and shared
 experts (:class:`glm45_ops.moe.MoE`: routing, ``fused_moe``), the dense SwiGLU
 (:func:`glm45_ops.moe.shared_expert`) and MTP verification (:mod:`glm45_ops.speculative`). What
 is left in torch is elementwise: RMSNorm (HF numerics), the embedding, residual adds.
@@ -144,15 +144,17 @@ class Attention(torch.nn.Module):
         q = qkv[:, :self.q_size].view(t, self.num_heads, d)
         k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads, d)
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, d)
-        q, k = attn_ops.qk_norm_rope(q, k, None if self.q_norm is None else self.q_norm.weight,
-                                     None if self.k_norm is None else self.k_norm.weight, positions, cos_sin,
-                                     self.eps, self.rotary_dim, backend=self.backend)
+        qn, kn = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
         cu = step.cu_seqlens(x.device)
         if step.cache is None:
+            q, k = attn_ops.qk_norm_rope(q, k, qn, kn, positions, cos_sin, self.eps, self.rotary_dim,
+                                         backend=self.backend)
             o = attn_ops.attention_varlen(q, k, v, cu, cu, step.n, step.n, self.scale, True, backend=self.backend)
         else:
+            # One kernel: norm + RoPE on q and k, and the rotated k with v into the paged cache.
             kc, vc = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
-            attn_ops.kv_cache_write(k, v, kc, vc, step.slots, backend=self.backend)
+            q, _ = attn_ops.qk_norm_rope_kv_write(q, k, v, qn, kn, positions, cos_sin, kc, vc, step.slots, self.eps,
+                                                  self.rotary_dim, backend=self.backend)
             o, _ = attn_ops.attention_paged(q, cu, kc, vc, step.cache.block_table, step.seq_lens, self.scale, True,
                                             max_seqlen_q=step.n, backend=self.backend)
         return self.o_proj(o.reshape(t, self.q_size))
@@ -212,15 +214,6 @@ class MTPLayer(torch.nn.Module):
         return self.shared_head_norm(self.layer(x, positions, cos_sin, step))
 
 
-def rope_cache(cfg: Glm45Config, device) -> torch.Tensor:
-    """fp32 ``[max_pos, rotary_dim]``: ``cat(cos(p * inv_freq), sin(p * inv_freq))``, with HF's
-    ``inv_freq = 1 / theta^(arange(0, r, 2) / r)`` and fp32 products."""
-    r = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float, device=device) / r))
-    freqs = torch.arange(cfg.max_position_embeddings, device=device).float()[:, None] * inv_freq
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
-
-
 class Glm45ForCausalLM(torch.nn.Module):
     """GLM-4.5 / GLM-4.5-Air (and any ``Glm4MoeForCausalLM``-shaped config) built from our ops.
 
@@ -253,7 +246,8 @@ class Glm45ForCausalLM(torch.nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp = (MTPLayer(cfg, cfg.num_hidden_layers, dtype, device, fuse_shared)
                     if cfg.num_nextn_predict_layers else None)
-        self.register_buffer("cos_sin_cache", rope_cache(cfg, device), persistent=False)
+        self.register_buffer("cos_sin_cache", attn_ops.cos_sin_cache(cfg.max_position_embeddings, cfg.rotary_dim,
+                                                                    cfg.rope_theta, device), persistent=False)
         self.requires_grad_(False)
         self.backend = backend
 

@@ -90,7 +90,7 @@ bench quant 35
 bench gemm 45
 bench speculative 20
 bench muon 25
-bench attention 45
+bench attention 45 --cases "TP8"
 bench rollout 30
 bench moe 60 --cases "moe_route,moe_align,fused_moe TP8,fused_moe EP8,+shared,grouped_fp8_block_gemm TP8,grouped_bf16_gemm TP8"
 # The reference model end to end (tiny random weights: it checks that the ops assemble on the GPU

@@ -22,6 +22,8 @@ subtract 0 instead of ``-inf`` and contribute exactly 0.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -294,21 +296,30 @@ def _linear_grad_kernel(
     tl.store(out, to_out_dtype(g, g_ptr.dtype.element_ty, ROUND_ON_GRID), mask=row_ok[:, None] & j_ok[None, :])
 
 
-class LinearConfig:
-    """Tile sizes of the linear kernels (GPU: a first guess for H = 5120, pending H200 tuning;
-    interpreter: few, large programs)."""
+class LinearConfig(NamedTuple):
+    """Tile sizes of the linear kernels."""
 
-    def __init__(self, t: int, v: int, h: int) -> None:
-        if interpreting():
-            self.block_m = min(64, max(16, triton.next_power_of_2(t)))
-            self.block_n = min(256, max(16, triton.next_power_of_2(v)))
-            self.block_k = min(128, max(16, triton.next_power_of_2(h)))
-            self.num_warps, self.num_stages = 4, 1
-        else:
-            # 128 x 128 fp32 accumulator = 64 registers per thread over 8 warps, leaving room for
-            # the epilogue's exp/select temporaries; 3 stages of 128x64 + 128x64 bf16 = 96 KB smem
-            self.block_m, self.block_n, self.block_k = 128, 128, 64
-            self.num_warps, self.num_stages = 8, 3
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def gpu_config(dtype: torch.dtype) -> LinearConfig:
+    """A first guess for H = 5120 pending H200 tuning: a 128 x 128 fp32 accumulator is 64
+    registers per thread over 8 warps, leaving room for the epilogue's exp/select temporaries
+    (254 registers, no spills on sm_90a); 3 stages of 128 x 64 + 128 x 64 16-bit tiles = 96 KB of
+    shared memory. fp32 operands (3xTF32) take K = 32: with K = 64 they need 224 KB and spill."""
+    return LinearConfig(128, 128, 32 if dtype == torch.float32 else 64, 8, 3)
+
+
+def linear_config(t: int, v: int, h: int, dtype: torch.dtype) -> LinearConfig:
+    """The interpreter's cost is per program: few, large tiles there."""
+    if interpreting():
+        return LinearConfig(min(64, max(16, triton.next_power_of_2(t))), min(256, max(16, triton.next_power_of_2(v))),
+                            min(128, max(16, triton.next_power_of_2(h))), 4, 1)
+    return gpu_config(dtype)
 
 
 def _num_splits(m_blocks: int, n_tiles: int, device: torch.device) -> int:
@@ -334,7 +345,7 @@ def linear_logprobs(
     ``weight`` ``[V, H]`` (same dtype, unit last strides)."""
     n, h = hidden.shape
     v = weight.shape[0]
-    cfg = LinearConfig(n, v, h)
+    cfg = linear_config(n, v, h, hidden.dtype)
     m_blocks, n_tiles = triton.cdiv(n, cfg.block_m), triton.cdiv(v, cfg.block_n)
     n_split = _num_splits(m_blocks, n_tiles, hidden.device)
     tiles_per_split = triton.cdiv(n_tiles, n_split)
@@ -388,7 +399,7 @@ def linear_logprobs_backward(
     # reads them contiguous (T floats each)
     grad_logprobs, grad_entropy, grad_lse, entropy, lse = (
         x.contiguous() for x in (grad_logprobs, grad_entropy, grad_lse, entropy, lse))
-    cfg = LinearConfig(n, min(v, chunk_v), h)
+    cfg = linear_config(n, min(v, chunk_v), h, hidden.dtype)
     chunk_v = triton.cdiv(chunk_v, cfg.block_n) * cfg.block_n
     has_t = temperatures is not None
     acc = torch.zeros((n, h), dtype=torch.float32, device=hidden.device)
@@ -434,8 +445,14 @@ def _token_spec(dtype: torch.dtype, has_t: bool) -> CompileSpec:
 
 
 def _linear_common(dtype: torch.dtype) -> dict:
-    return {"UPCAST": False, "DOT_PRECISION": _dot_precision(dtype), "BLOCK_M": 128, "BLOCK_N": 128,
-            "BLOCK_K": 64, "i_st": 1, "t_st": 1}
+    cfg = gpu_config(dtype)
+    return {"UPCAST": False, "DOT_PRECISION": _dot_precision(dtype), "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+            "BLOCK_K": cfg.block_k, "i_st": 1, "t_st": 1}
+
+
+def _options(dtype: torch.dtype) -> dict:
+    cfg = gpu_config(dtype)
+    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
 def _fwd_spec(dtype: torch.dtype, track: bool) -> CompileSpec:
@@ -449,8 +466,22 @@ def _fwd_spec(dtype: torch.dtype, track: bool) -> CompileSpec:
                    "UPCAST": "constexpr", "DOT_PRECISION": "constexpr",
                    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
         constexprs={**_linear_common(dtype), "HAS_TEMPS": track, "TRACK_ARGMAX": track},
-        options={"num_warps": 8, "num_stages": 3},
+        options=_options(dtype),
         aligned=("T", "V", "H", "h_st", "w_st"),
+    )
+
+
+def _merge_spec(track: bool) -> CompileSpec:
+    return CompileSpec(
+        label="T=16384, 3 V splits" + (", argmax (per-row temperature)" if track else ""),
+        kernel=_linear_merge_kernel,
+        signature={"part_ptr": "*fp32", "arg_ptr": "*i32", "ids_ptr": "*i64", "temps_ptr": "*fp32", "lp_ptr": "*fp32",
+                   "ent_ptr": "*fp32", "lse_ptr": "*fp32", "T": "i32", "V": "i32", "n_split": "i32",
+                   "i_st": "constexpr", "t_st": "constexpr", "temperature": "fp32", "HAS_TEMPS": "constexpr",
+                   "TRACK_ARGMAX": "constexpr", "BLOCK_T": "constexpr"},
+        constexprs={"i_st": 1, "t_st": 1, "HAS_TEMPS": track, "TRACK_ARGMAX": track, "BLOCK_T": 1024},
+        options={"num_warps": 4},
+        aligned=("T", "V"),
     )
 
 
@@ -466,7 +497,7 @@ def _grad_spec(dtype: torch.dtype) -> CompileSpec:
                    "DOT_PRECISION": "constexpr", "ROUND_ON_GRID": "constexpr",
                    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
         constexprs={**_linear_common(dtype), "HAS_TEMPS": False, "ROUND_ON_GRID": False},
-        options={"num_warps": 8, "num_stages": 3},
+        options=_options(dtype),
         aligned=("T", "V", "H", "v0", "n_cols", "h_st", "w_st", "g_st"),
     )
 
@@ -477,5 +508,9 @@ COMPILE_SPECS = [
     _token_spec(torch.float32, False),
     _fwd_spec(torch.bfloat16, False),
     _fwd_spec(torch.bfloat16, True),
+    _fwd_spec(torch.float32, False),
+    _merge_spec(False),
+    _merge_spec(True),
     _grad_spec(torch.bfloat16),
+    _grad_spec(torch.float32),
 ]

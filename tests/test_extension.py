@@ -36,7 +36,8 @@ def ext():
 def test_registers_cuda_kernels_for_python_schemas(ext):
     kernels = glm45_ops.info()["cuda_kernels"]
     for name in ("per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_fp8", "fp8_block_gemm", "verify_greedy",
-                 "verify_sampling", "moe_route", "moe_align_block_size"):
+                 "verify_sampling", "moe_route", "moe_align_block_size", "grouped_fp8_block_gemm", "grouped_bf16_gemm",
+                 "qk_norm_rope", "qk_norm_rope_", "kv_cache_write", "qk_norm_rope_kv_write", "token_logprobs"):
         assert name in kernels, kernels
     assert set(kernels) <= set(glm45_ops.registered_ops()), "C++ registered a kernel for an op Python did not define"
 

@@ -2,6 +2,7 @@
 // e4m3 packing, warp reductions. (Host-side checks and the dtype dispatch: common/checks.h.)
 #pragma once
 
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -145,6 +146,27 @@ template <typename T, int N, typename F> __device__ __forceinline__ void fill(Ve
 __device__ __forceinline__ uint32_t group_max_u32(uint32_t v, int lanes) {
   for (int off = lanes >> 1; off > 0; off >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
+}
+
+// Argmax as one integer max (torch.argmax's rule): order_key maps fp32 to int32 with the same
+// signed order (-0 == +0, NaN above +inf); pack_key_index makes (key, index) an int64 whose max
+// is the largest key, then the lowest index, so a max-reduction (warp shuffles, atomicMax) gives
+// the first argmax. unpack_index recovers the index.
+__device__ __forceinline__ int32_t order_key(float x) {
+  const int32_t b = __float_as_int(x);
+  int32_t key = b < 0 ? (b ^ 0x7fffffff) : b;
+  if (x == 0.0f) key = 0;
+  if (x != x) key = INT32_MAX;
+  return key;
+}
+
+__device__ __forceinline__ long long pack_key_index(int32_t key, int64_t j) {
+  const unsigned long long hi = static_cast<unsigned long long>(static_cast<uint32_t>(key)) << 32;
+  return static_cast<long long>(hi | static_cast<uint32_t>(INT32_MAX - j));
+}
+
+__device__ __forceinline__ int64_t unpack_index(long long packed) {
+  return INT32_MAX - static_cast<int64_t>(static_cast<uint32_t>(packed));
 }
 
 template <typename T>

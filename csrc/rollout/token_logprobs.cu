@@ -112,25 +112,6 @@ __device__ __forceinline__ Online warp_merge(Online st, float c2) {
   return st;
 }
 
-// fp32 -> int32 with the same signed order; -0 == +0; NaN above +inf (probs_from_logits' argmax).
-__device__ __forceinline__ int32_t order_key(float x) {
-  const int32_t b = __float_as_int(x);
-  int32_t key = b < 0 ? (b ^ 0x7fffffff) : b;
-  if (x == 0.0f) key = 0;
-  if (x != x) key = INT32_MAX;
-  return key;
-}
-
-// (key, index) -> int64 whose max is the largest key, then the lowest index.
-__device__ __forceinline__ long long pack_key_index(int32_t key, int64_t j) {
-  const unsigned long long hi = static_cast<unsigned long long>(static_cast<uint32_t>(key)) << 32;
-  return static_cast<long long>(hi | static_cast<uint32_t>(INT32_MAX - j));
-}
-
-__device__ __forceinline__ int64_t unpack_index(long long packed) {
-  return INT32_MAX - static_cast<int64_t>(static_cast<uint32_t>(packed));
-}
-
 struct RowArgs {
   int64_t V, l_st, i_st, t_st;
   float temperature;  // fp32(temperature), used when temps is null

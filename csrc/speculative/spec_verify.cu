@@ -70,25 +70,6 @@ __device__ __forceinline__ void load_floats(const T* __restrict__ row, int64_t j
   }
 }
 
-// fp32 -> int32 with the same signed order; -0 == +0; NaN above +inf (torch.argmax's rule).
-__device__ __forceinline__ int32_t order_key(float x) {
-  const int32_t b = __float_as_int(x);
-  int32_t key = b < 0 ? (b ^ 0x7fffffff) : b;
-  if (x == 0.0f) key = 0;
-  if (x != x) key = INT32_MAX;
-  return key;
-}
-
-// (key, index) -> int64 whose max is the largest key, then the lowest index.
-__device__ __forceinline__ long long pack_key_index(int32_t key, int64_t j) {
-  const unsigned long long hi = static_cast<unsigned long long>(static_cast<uint32_t>(key)) << 32;
-  return static_cast<long long>(hi | static_cast<uint32_t>(INT32_MAX - j));
-}
-
-__device__ __forceinline__ int32_t unpack_index(long long packed) {
-  return INT32_MAX - static_cast<int32_t>(static_cast<uint32_t>(packed));
-}
-
 // trunc(min(d, 1) * 2^40) for d > 0, else 0 (NaN included): exact scaling, then truncation.
 __device__ __forceinline__ long long fixed_point(float d) {
   return d > 0.0f ? __float2ll_rz(fminf(d, 1.0f) * kFixedOne) : 0;

@@ -30,15 +30,7 @@ import torch
 
 from glm45_ops.speculative import probs_from_logits, verify_greedy, verify_sampling
 
-__all__ = ["generate", "main", "token_logprobs"]
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float, *, backend=None) -> torch.Tensor:
-    """fp32 log-probabilities ``[B, S]`` of ``labels`` under ``softmax(logits / temperature)``;
-    labels < 0 give 0 (the reference math: the rollout family's fused op replaces it)."""
-    lp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    got = lp.gather(-1, labels.clamp(min=0).long()[..., None])[..., 0]
-    return torch.where(labels >= 0, got, torch.zeros_like(got))
+__all__ = ["generate", "main"]
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> tuple[torch.Tensor, torch.Tensor | None]:

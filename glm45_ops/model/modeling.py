@@ -323,14 +323,19 @@ class Glm45ForCausalLM(torch.nn.Module):
             raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
         return input_ids.to(self.device)
 
+    def _final_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states ``[B * S, H]`` of whole sequences ``ids`` ``[B, S]`` (no cache)."""
+        b, s = ids.shape
+        positions = torch.arange(s, device=ids.device).repeat(b)
+        return self._hidden(self.embed_tokens(ids.flatten()), positions, _Step(n=s, batch=b))
+
     def forward(self, input_ids: torch.Tensor, *, return_hidden: bool = False):
         """Logits ``[B, S, V]`` (the model's dtype) of whole sequences ``input_ids`` ``[B, S]``, with
         no cache (one ``attention_varlen`` per layer); ``return_hidden`` adds the final-normed
         hidden states ``[B, S, H]`` (the MTP layer's input)."""
         ids = self._ids(input_ids)
         b, s = ids.shape
-        positions = torch.arange(s, device=ids.device).repeat(b)
-        hidden = self._hidden(self.embed_tokens(ids.flatten()), positions, _Step(n=s, batch=b))
+        hidden = self._final_hidden(ids)
         logits = self.lm_head(hidden).view(b, s, -1)
         return (logits, hidden.view(b, s, -1)) if return_hidden else logits
 
@@ -392,17 +397,28 @@ class Glm45ForCausalLM(torch.nn.Module):
                         return_stats=return_stats)
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, labels: torch.Tensor, temperature: float | torch.Tensor = 1.0,
+              *, return_entropy: bool = False):
         """Per-token log-probabilities fp32 ``[B, S]`` of ``labels`` ``[B, S]`` under the model's
-        next-token distributions at ``input_ids``'s positions (``softmax(logits / temperature)``);
-        labels ``< 0`` (ignored positions, e.g. -100) give 0."""
-        from glm45_ops.model.generate import token_logprobs
+        next-token distributions at ``input_ids``'s positions, ``softmax(logits / temperature)``
+        (a number, or fp32 ``[B * S]`` per position; the sampler's meaning, see
+        :func:`glm45_ops.rollout.token_logprobs`). The LM head runs fused with the log-softmax
+        (:func:`glm45_ops.rollout.linear_logprobs`): no ``[B, S, V]`` logits are made. Labels
+        ``< 0`` (ignored positions, e.g. -100) give 0. ``return_entropy`` adds the entropies."""
+        from glm45_ops.rollout import linear_logprobs
 
-        logits = self(input_ids)
-        labels = labels.to(logits.device)
-        if tuple(labels.shape) != tuple(logits.shape[:2]):
-            raise ValueError(f"labels must have input_ids' shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
-        return token_logprobs(logits, labels, temperature, backend=self.backend)
+        ids = self._ids(input_ids)
+        labels = labels.to(ids.device)
+        if tuple(labels.shape) != tuple(ids.shape):
+            raise ValueError(f"labels must have input_ids' shape {tuple(ids.shape)}, got {tuple(labels.shape)}")
+        weight = self.lm_head.weight
+        logprobs, entropy = linear_logprobs(self._final_hidden(ids), weight, labels.clamp(min=0).flatten(), temperature,
+                                            backend=self.backend)
+        keep = labels >= 0
+        logprobs = torch.where(keep, logprobs.view(ids.shape), torch.zeros((), device=ids.device))
+        if not return_entropy:
+            return logprobs
+        return logprobs, torch.where(keep, entropy.view(ids.shape), torch.zeros((), device=ids.device))
 
     # -- weights ------------------------------------------------------------------------------
 

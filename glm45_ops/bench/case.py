@@ -102,6 +102,9 @@ class Case:
     reference: str = "torch"  # the backend whose outputs are taken as truth
     notes: str = ""
     params: dict[str, Any] = field(default_factory=dict)  # recorded in JSON, e.g. {"ue8m0": True}
+    # Figures the case computes once, untimed (e.g. accuracy metrics): report(device, gen) -> {name:
+    # number}, added to the reference backend's row params in the JSON and printed by the CLI.
+    report: Callable[[torch.device, torch.Generator], dict[str, float]] | None = None
 
     def __post_init__(self) -> None:
         if self.roofline not in ROOFLINES:

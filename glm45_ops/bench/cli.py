@@ -254,6 +254,9 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
                     brief = "skip (as above)" if r.status == "skip" and r.reason in skip_reasons else report.brief(r)
                     skip_reasons.add(r.reason)
                     print(f"  {fam} | {case.name} | {b}: {brief}", file=sys.stderr, flush=True)
+                    if case.report is not None and r.params is not case.params:
+                        figures = ", ".join(f"{k} {r.params[k]:.4g}" for k in r.params if k not in case.params)
+                        print(f"  {fam} | {case.name} | report: {figures}", flush=True)
             save(results + rows)
         print(f"\n[{fam}]" + (" CPU timings" if not on_gpu else ""))
         print(report.table(rows))

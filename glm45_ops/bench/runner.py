@@ -106,6 +106,8 @@ def run_case(
         if refcheck:
             res.refcheck = _refcheck(case, backend, fn(), device)
         t = time_fn(fn, device, iters)
+        if case.report is not None and backend == case.reference:
+            res.params = {**case.params, **case.report(device, _gen(device))}
     except Skip as e:
         res.status, res.reason = "skip", str(e)
         return res

@@ -271,3 +271,16 @@ def test_compile_report_quant(tmp_path, capsys):
         if r["kernel"] != "_dequant_fp8_kernel":  # the quantizers divide, and must do so exactly
             assert r["division"] == "ieee (div.rn.f32)", r
     assert "sm_90a" in capsys.readouterr().out
+
+
+def test_case_report_is_printed_and_recorded(tmp_path, capsys):
+    """A case's report (figures computed once, untimed) lands in the reference row's params and
+    on stdout: the rollout family's FP8-vs-BF16 mismatch metrics."""
+    out = tmp_path / "r.json"
+    rc = cli.main(["rollout", "--backends", "torch", "--cases", "fp8_rollout_mismatch", "--iters", "1",
+                   "--json", str(out)])
+    assert rc == 0
+    assert "report: kl_k1" in capsys.readouterr().out
+    row = json.loads(out.read_text())["results"][0]
+    assert {"kl_k1", "kl_k3", "ppl_ratio", "clip_frac", "max_ratio"} <= set(row["params"])
+    assert 0.5 < row["params"]["ppl_ratio"] < 2

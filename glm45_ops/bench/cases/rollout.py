@@ -12,6 +12,14 @@
   (``2 T V H``, what keeps memory at ``O(T * chunk)``) is not counted, so fwd+bwd TFLOP/s is
   comparable with an implementation that stores the logits.
 
+* ``fp8_rollout_mismatch``: the issue's demo as a case. A random-weight model (the ``tiny``
+  preset on a CPU; on a GPU the preset's real sizes with two layers, one dense and one MoE) scores
+  the same sequences as the BF16 trainer (peer "bf16 trainer") and as its FP8 requantized rollout
+  copy (ours, per backend) through ``model.score`` (``linear_logprobs``); the case's report is
+  ``importance_weights``' mismatch metrics between the two (k1/k3 KL, perplexity ratio, clipped
+  fraction, max ratio), printed and kept in the JSON. FLOPs are the active parameters' (``2``
+  per token each) plus causal attention's.
+
 Peers (GPU only): the unfused torch math (``log_softmax`` + ``gather`` on materialised fp32
 logits, ``[T, V]`` and more) and its ``torch.compile``; Liger's ``LigerFusedLinearCrossEntropyLoss``
 and Apple's Cut Cross-Entropy (``reduction="none"``: per-token ``-logprob``, no entropy, no
@@ -176,6 +184,69 @@ def _linear_case(t_rows: int, v: int, h: int, grad: bool) -> Case:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# fp8_rollout_mismatch
+# ---------------------------------------------------------------------------------------------
+
+def _mismatch_case(ctx: BenchContext) -> Case:
+    import copy
+    import dataclasses
+
+    from glm45_ops.model import Glm45Config, Glm45ForCausalLM
+    from glm45_ops.testing import calc_diff
+
+    if ctx.on_gpu:
+        cfg = Glm45Config(**{**dataclasses.asdict(ctx.model), "num_hidden_layers": 2, "first_k_dense_replace": 1,
+                             "num_nextn_predict_layers": 0})
+        b, s = 4, 512
+    else:
+        cfg, b, s = Glm45Config.preset("tiny"), 2, 16
+
+    def inputs(device: torch.device, gen: torch.Generator):
+        torch.manual_seed(0)  # the model's weights: the same for every backend
+        model = Glm45ForCausalLM(cfg, dtype=DTYPE, device=device)
+        ids = torch.randint(0, cfg.vocab_size, (b, s), generator=gen, device=device)
+        return model, copy.deepcopy(model).quantize_fp8_(), ids, torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+
+    def run(backend, device, model, fp8, ids, labels):
+        fp8.backend = backend
+        fp8(ids[:, :1])  # a forced backend that cannot run raises here, before timing
+        return lambda: fp8.score(ids, labels)
+
+    def bf16_trainer(device, gen, model, fp8, ids, labels):
+        return lambda: model.score(ids, labels)
+
+    def report(device, gen):
+        model, _, ids, _ = inputs(device, gen)
+        _, metrics = rollout.fp8_rollout_mismatch(model, ids, TEMPERATURE)
+        return {k: float(v) for k, v in metrics.items()}
+
+    def compare(got, want):  # FP8 GEMM backends differ in accumulation order
+        diff = calc_diff(got[:, :-1], want[:, :-1])
+        return None if diff < 1e-4 else f"calc_diff {diff:.2e} >= 1e-4"
+
+    h, i, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok + cfg.n_shared_experts
+    attn = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h
+    dense, moe = 3 * h * cfg.intermediate_size, 3 * h * i
+    active = cfg.num_hidden_layers * attn + dense + (cfg.num_hidden_layers - 1) * k * moe + cfg.vocab_size * h
+    stored = cfg.num_hidden_layers * attn + dense + (cfg.num_hidden_layers - 1) * (cfg.n_routed_experts + 1) * moe
+    t = b * s
+    return Case(
+        family=FAMILY,
+        name=f"fp8_rollout_mismatch {cfg.name} layers={cfg.num_hidden_layers}",
+        shape=f"ids [{b}, {s}], H={h}, V={cfg.vocab_size}, fp8 blocks",
+        inputs=inputs,
+        run=run,
+        bytes_moved=stored + 2 * cfg.vocab_size * h,  # e4m3 weights once, the bf16 LM head
+        flops=2 * t * active + 2 * b * s * s * cfg.num_attention_heads * cfg.head_dim,
+        roofline="compute:fp8" if ctx.on_gpu else "memory",
+        peers={"bf16 trainer": bf16_trainer},
+        compare=compare,
+        report=report,
+        params={"B": b, "S": s, "layers": cfg.num_hidden_layers, "temperature": TEMPERATURE},
+    )
+
+
 def cases(ctx: BenchContext) -> list[Case]:
     v, h = ctx.model.vocab_size, ctx.model.hidden_size
     prefill = ctx.tokens[0]
@@ -183,5 +254,6 @@ def cases(ctx: BenchContext) -> list[Case]:
     out.append(_token_case(prefill, v, per_row=True))
     for t in ctx.tokens[:2]:
         out += [_linear_case(t, v, h, grad=False), _linear_case(t, v, h, grad=True)]
+    out.append(_mismatch_case(ctx))
     return out
 

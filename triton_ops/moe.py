@@ -1,11 +1,14 @@
 """Triton MoE kernels: the device-side token permutation and the two grouped GEMMs of the fused
 expert MLP (definitions: glm45_ops/reference/moe.py).
 
-* ``_moe_align_kernel``: one program, three passes over the (token, slot) pairs: per-expert
-  counts (atomics: a sum, so order cannot change it), padded segment starts (a cumsum over the
-  experts in registers), then the scatter, chunk by chunk, each pair going to its segment's
-  running offset plus its rank among the chunk's pairs of the same expert. Ascending pair order
-  within each expert, as the definition says, whatever the hardware's atomic order.
+* ``_moe_align_kernel``: decode sizes, one program, three passes over the (token, slot) pairs:
+  per-expert counts (atomics: a sum, so order cannot change it), padded segment starts (a cumsum
+  over the experts in registers), then the scatter, chunk by chunk, each pair going to its
+  segment's running offset plus its rank among the chunk's pairs of the same expert. Ascending
+  pair order within each expert, as the definition says, whatever the hardware's atomic order.
+  Prefill sizes split the same passes over spans of pairs: ``_moe_align_count_kernel`` (a row of
+  counts per span), ``_moe_align_scan_kernel`` (one program: segments, then each span's starting
+  cursors) and ``_moe_align_scatter_kernel`` (a span per program, from its own cursors).
 * ``_moe_gate_up_kernel``: per block of ``BLOCK_M`` permuted rows (one expert), gate and up tiles
   of ``w13`` in the same program, ``h = silu(g) * u`` in the epilogue, stored in x's dtype, or
   quantized 1 x 128 (FP8: one 128-wide tile is one scale group). A block whose expert is -1
@@ -27,41 +30,50 @@ from triton_ops import CompileSpec, interpreting
 from triton_ops._common import e4m3_bits, round_to_e4m3_grid, to_out_dtype
 
 ALIGN_CHUNK = 64  # pairs per scatter step: a [64, 64] rank comparison stays in registers
+ALIGN_SPAN = 4096  # pairs per program of the prefill path (decode sizes take the one-program kernel)
 QUANT_GROUP = 128
 
 
 @triton.jit
-def _moe_align_kernel(
-    ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, cursor_ptr,
-    n, E, P, num_blocks,
-    BLOCK_SIZE: tl.constexpr, E_P: tl.constexpr, CHUNK: tl.constexpr,
-):
+def _count_pairs(ids_ptr, count_ptr, lo, hi, E, CHUNK: tl.constexpr):
+    """Per-expert counts of pairs ``[lo, hi)`` added into ``count_ptr[e]`` (atomics: a sum, so
+    their order cannot change it). Ids outside [0, E) are left out."""
     lanes = tl.arange(0, CHUNK)
-    for p0 in range(0, P, CHUNK):
-        tl.store(sorted_ptr + p0 + lanes, n, mask=p0 + lanes < P)
-    for c0 in range(0, n, CHUNK):
-        e = tl.load(ids_ptr + c0 + lanes, mask=c0 + lanes < n, other=-1)
-        valid = (e >= 0) & (e < E) & (c0 + lanes < n)  # before narrowing: int64 ids may not fit int32
-        tl.atomic_add(cursor_ptr + e.to(tl.int32), 1, mask=valid)
-    tl.debug_barrier()
+    for c0 in range(lo, hi, CHUNK):
+        e = tl.load(ids_ptr + c0 + lanes, mask=c0 + lanes < hi, other=-1)
+        valid = (e >= 0) & (e < E) & (c0 + lanes < hi)  # before narrowing: int64 ids may not fit int32
+        tl.atomic_add(count_ptr + e.to(tl.int32), 1, mask=valid)
+
+
+@triton.jit
+def _segments(counts, block_expert_ptr, num_padded_ptr, E, P, num_blocks,
+              BLOCK_SIZE: tl.constexpr, E_P: tl.constexpr, CHUNK: tl.constexpr):
+    """From the per-expert ``counts`` ``[E_P]``: each expert's padded segment start (returned),
+    ``num_padded`` and every block's expert (-1 past the used segments)."""
     experts = tl.arange(0, E_P)
-    counts = tl.load(cursor_ptr + experts, mask=experts < E, other=0)
     padded = (counts + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
     start = tl.cumsum(padded, 0) - padded
     total = tl.sum(padded, 0)
     tl.store(num_padded_ptr, total)
     end = tl.where(experts < E, start + padded, P + 1)
+    lanes = tl.arange(0, CHUNK)
     for b0 in range(0, num_blocks, CHUNK):
         pos = (b0 + lanes) * BLOCK_SIZE
         owner = tl.sum((end[None, :] <= pos[:, None]).to(tl.int32), 1)  # = searchsorted(end, pos, right)
         tl.store(block_expert_ptr + b0 + lanes, tl.where(pos < total, owner, -1), mask=b0 + lanes < num_blocks)
-    tl.debug_barrier()
-    tl.store(cursor_ptr + experts, start, mask=experts < E)  # the running slot of each expert
-    tl.debug_barrier()
+    return start
+
+
+@triton.jit
+def _scatter_pairs(ids_ptr, sorted_ptr, cursor_ptr, lo, hi, E, CHUNK: tl.constexpr):
+    """Pairs ``[lo, hi)``, in order, to ``sorted[cursor[e] + rank]`` (rank: among the step's
+    earlier pairs of the same expert), each expert's cursor advancing as they land: ascending
+    pair order within every expert, whatever the order of the hardware's atomics."""
+    lanes = tl.arange(0, CHUNK)
     earlier = lanes[None, :] < lanes[:, None]
-    for c0 in range(0, n, CHUNK):
-        e = tl.load(ids_ptr + c0 + lanes, mask=c0 + lanes < n, other=-1)
-        valid = (e >= 0) & (e < E) & (c0 + lanes < n)
+    for c0 in range(lo, hi, CHUNK):
+        e = tl.load(ids_ptr + c0 + lanes, mask=c0 + lanes < hi, other=-1)
+        valid = (e >= 0) & (e < E) & (c0 + lanes < hi)
         e = tl.where(valid, e, -1).to(tl.int32)
         same = (e[:, None] == e[None, :]) & valid[None, :] & earlier
         rank = tl.sum(same.to(tl.int32), 1)
@@ -70,6 +82,67 @@ def _moe_align_kernel(
         tl.debug_barrier()
         tl.atomic_add(cursor_ptr + e, 1, mask=valid)
         tl.debug_barrier()
+
+
+@triton.jit
+def _fill(ptr, lo, hi, value, CHUNK: tl.constexpr):
+    lanes = tl.arange(0, CHUNK)
+    for p0 in range(lo, hi, CHUNK):
+        tl.store(ptr + p0 + lanes, value, mask=p0 + lanes < hi)
+
+
+@triton.jit
+def _moe_align_kernel(
+    ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, cursor_ptr,
+    n, E, P, num_blocks,
+    BLOCK_SIZE: tl.constexpr, E_P: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Decode sizes: everything in one program (one launch)."""
+    _fill(sorted_ptr, 0, P, n, CHUNK)
+    _count_pairs(ids_ptr, cursor_ptr, 0, n, E, CHUNK)
+    tl.debug_barrier()
+    experts = tl.arange(0, E_P)
+    counts = tl.load(cursor_ptr + experts, mask=experts < E, other=0)
+    start = _segments(counts, block_expert_ptr, num_padded_ptr, E, P, num_blocks, BLOCK_SIZE, E_P, CHUNK)
+    tl.debug_barrier()
+    tl.store(cursor_ptr + experts, start, mask=experts < E)  # the running slot of each expert
+    tl.debug_barrier()
+    _scatter_pairs(ids_ptr, sorted_ptr, cursor_ptr, 0, n, E, CHUNK)
+
+
+@triton.jit
+def _moe_align_count_kernel(ids_ptr, sorted_ptr, counts_ptr, n, E, P, SPAN: tl.constexpr, CHUNK: tl.constexpr):
+    """Prefill, step 1 of 3: program c fills its span of ``sorted`` with the padding id and counts
+    the experts of its span of pairs into row c of ``counts`` ``[programs, E]``."""
+    c = tl.program_id(0)
+    _fill(sorted_ptr, c * SPAN, tl.minimum(c * SPAN + SPAN, P), n, CHUNK)
+    _count_pairs(ids_ptr, counts_ptr + c * E, c * SPAN, tl.minimum(c * SPAN + SPAN, n), E, CHUNK)
+
+
+@triton.jit
+def _moe_align_scan_kernel(
+    counts_ptr, block_expert_ptr, num_padded_ptr, num_spans, E, P, num_blocks,
+    BLOCK_SIZE: tl.constexpr, E_P: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Step 2 (one program): the segments from the summed counts, then each span's row of
+    ``counts`` replaced by where its first pair of each expert goes (segment start plus the
+    earlier spans' counts: spans keep the pairs' order)."""
+    experts = tl.arange(0, E_P)
+    total = tl.zeros((E_P,), tl.int32)
+    for c in range(num_spans):
+        total += tl.load(counts_ptr + c * E + experts, mask=experts < E, other=0)
+    running = _segments(total, block_expert_ptr, num_padded_ptr, E, P, num_blocks, BLOCK_SIZE, E_P, CHUNK)
+    for c in range(num_spans):
+        row = tl.load(counts_ptr + c * E + experts, mask=experts < E, other=0)
+        tl.store(counts_ptr + c * E + experts, running, mask=experts < E)
+        running += row
+
+
+@triton.jit
+def _moe_align_scatter_kernel(ids_ptr, sorted_ptr, cursors_ptr, n, E, SPAN: tl.constexpr, CHUNK: tl.constexpr):
+    """Step 3: program c scatters its span of pairs from its own row of cursors."""
+    c = tl.program_id(0)
+    _scatter_pairs(ids_ptr, sorted_ptr, cursors_ptr + c * E, c * SPAN, tl.minimum(c * SPAN + SPAN, n), E, CHUNK)
 
 
 @triton.jit
@@ -214,14 +287,26 @@ def _moe_down_kernel(
 # ---------------------------------------------------------------------------------------------
 
 def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int, sorted_ids: torch.Tensor,
-                         block_expert: torch.Tensor, num_padded: torch.Tensor) -> None:
-    """Fill the three outputs of ``moe_align_block_size`` from ``topk_ids`` (contiguous)."""
-    cursor = torch.zeros(num_experts, dtype=torch.int32, device=topk_ids.device)
-    _moe_align_kernel[(1,)](
-        topk_ids, sorted_ids, block_expert, num_padded, cursor,
-        topk_ids.numel(), num_experts, sorted_ids.numel(), block_expert.numel(),
-        BLOCK_SIZE=block_size, E_P=triton.next_power_of_2(num_experts), CHUNK=ALIGN_CHUNK, num_warps=4,
-    )
+                         block_expert: torch.Tensor, num_padded: torch.Tensor, span: int = ALIGN_SPAN) -> None:
+    """Fill the three outputs of ``moe_align_block_size`` from ``topk_ids`` (contiguous): one
+    program up to ``span`` pairs, else three launches over spans of ``span`` pairs (count, scan,
+    scatter). ``span`` is a multiple of ``ALIGN_CHUNK``; tests lower it to reach the prefill path."""
+    n, p, nb, dev = topk_ids.numel(), sorted_ids.numel(), block_expert.numel(), topk_ids.device
+    e_p = triton.next_power_of_2(num_experts)
+    if n <= span:
+        cursor = torch.zeros(num_experts, dtype=torch.int32, device=dev)
+        _moe_align_kernel[(1,)](topk_ids, sorted_ids, block_expert, num_padded, cursor, n, num_experts, p, nb,
+                                BLOCK_SIZE=block_size, E_P=e_p, CHUNK=ALIGN_CHUNK, num_warps=4)
+        return
+    # The count step's programs also fill the padding, so they cover P >= n entries.
+    spans = triton.cdiv(p, span)
+    counts = torch.zeros(spans, num_experts, dtype=torch.int32, device=dev)
+    _moe_align_count_kernel[(spans,)](topk_ids, sorted_ids, counts, n, num_experts, p, SPAN=span, CHUNK=ALIGN_CHUNK,
+                                      num_warps=4)
+    _moe_align_scan_kernel[(1,)](counts, block_expert, num_padded, spans, num_experts, p, nb,
+                                 BLOCK_SIZE=block_size, E_P=e_p, CHUNK=ALIGN_CHUNK, num_warps=8, num_stages=1)
+    _moe_align_scatter_kernel[(triton.cdiv(n, span),)](topk_ids, sorted_ids, counts, n, num_experts, SPAN=span,
+                                                       CHUNK=ALIGN_CHUNK, num_warps=4)
 
 
 def row_scales(w13: torch.Tensor, w13_scale: torch.Tensor) -> bool:
@@ -336,6 +421,25 @@ COMPILE_SPECS = [
                    "cursor_ptr": "*i32", "n": "i32", "E": "i32", "P": "i32", "num_blocks": "i32",
                    "BLOCK_SIZE": "constexpr", "E_P": "constexpr", "CHUNK": "constexpr"},
         constexprs={"BLOCK_SIZE": 64, "E_P": 256, "CHUNK": ALIGN_CHUNK}, options={"num_warps": 4},
+    ),
+    CompileSpec(
+        label="count span", kernel=_moe_align_count_kernel,
+        signature={"ids_ptr": "*i32", "sorted_ptr": "*i32", "counts_ptr": "*i32", "n": "i32", "E": "i32", "P": "i32",
+                   "SPAN": "constexpr", "CHUNK": "constexpr"},
+        constexprs={"SPAN": ALIGN_SPAN, "CHUNK": ALIGN_CHUNK}, options={"num_warps": 4},
+    ),
+    CompileSpec(
+        label="scan E<=256", kernel=_moe_align_scan_kernel,
+        signature={"counts_ptr": "*i32", "block_expert_ptr": "*i32", "num_padded_ptr": "*i32", "num_spans": "i32",
+                   "E": "i32", "P": "i32", "num_blocks": "i32", "BLOCK_SIZE": "constexpr", "E_P": "constexpr",
+                   "CHUNK": "constexpr"},
+        constexprs={"BLOCK_SIZE": 64, "E_P": 256, "CHUNK": ALIGN_CHUNK}, options={"num_warps": 8, "num_stages": 1},
+    ),
+    CompileSpec(
+        label="scatter span", kernel=_moe_align_scatter_kernel,
+        signature={"ids_ptr": "*i32", "sorted_ptr": "*i32", "cursors_ptr": "*i32", "n": "i32", "E": "i32",
+                   "SPAN": "constexpr", "CHUNK": "constexpr"},
+        constexprs={"SPAN": ALIGN_SPAN, "CHUNK": ALIGN_CHUNK}, options={"num_warps": 4},
     ),
     *(_gate_up_spec(fp8, bm) for fp8 in (False, True) for bm in (16, 64)),
     *(_down_spec(fp8, bm) for fp8 in (False, True) for bm in (16, 64)),

@@ -1,5 +1,6 @@
 """``moe_align_block_size``: the device-side permutation the MoE GEMMs share (definition:
-:mod:`glm45_ops.reference.moe`). Backends: torch (the reference), Triton (one program), CUDA
+:mod:`glm45_ops.reference.moe`). Backends: torch (the reference), Triton (one program for decode
+sizes; count, scan and scatter kernels over spans of pairs for prefill), CUDA
 (``csrc/moe/align.cu``: one CTA for decode sizes, count + scatter over ranges for prefill), all
 bit-exact and, on the GPU, free of host syncs."""
 

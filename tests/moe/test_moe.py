@@ -48,7 +48,7 @@ def test_align_reference_matches_the_loop(gen, t, k, e, bs):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("t", [0, 1, 7, 64, 257])
+@pytest.mark.parametrize("t", [0, 1, 7, 64, 257, 600])  # 600 x 8 pairs: past one program's span (Triton)
 def test_align_every_backend(gen, device, backend, t):
     ids = torch.randint(0, 160, (t, 8), generator=gen, dtype=torch.int32)
     want = moe_align_block_size_ref(ids, 160, 16)
@@ -58,6 +58,23 @@ def test_align_every_backend(gen, device, backend, t):
         assert_bit_equal(g.cpu(), w, name)
     # experts without tokens get no block: their weights are never read
     assert set(got[1].cpu().tolist()) - {-1} == set(ids.flatten().tolist())
+
+
+@pytest.mark.parametrize("device", sorted({d for d, b in BACKENDS if b == "triton"}))
+@pytest.mark.parametrize("t,k,e,bs,span", [(300, 8, 160, 16, 128), (200, 8, 16, 64, 64), (90, 4, 12, 4, 64),
+                                           (50, 8, 1000, 1, 256)])
+def test_triton_align_spans(gen, device, t, k, e, bs, span):
+    """The prefill path (count / scan / scatter over spans of pairs) with spans small enough to
+    give many programs here: bit-exact, ids outside [0, E) and int64 ids included."""
+    from triton_ops import moe as tm
+
+    ids = torch.randint(-3, e + 3, (t, k), generator=gen, dtype=torch.int64)
+    want = moe_align_block_size_ref(ids, e, bs)
+    p = padded_size(ids.numel(), e, bs)
+    got = tuple(torch.full((m,), 12345, dtype=torch.int32, device=device) for m in (p, p // bs, 1))
+    tm.moe_align_block_size(ids.to(device), e, bs, *got, span=span)
+    for g, w, name in zip(got, want, ("sorted_ids", "block_expert", "num_padded")):
+        assert_bit_equal(g.cpu(), w, name)
 
 
 # ---------------------------------------------------------------------------------------------

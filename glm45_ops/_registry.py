@@ -34,7 +34,9 @@ derivative for every overload (``torch.library.register_autograd``).
 Contract data: ``samples(device, gen)`` returns :class:`Sample` inputs (tagged ``"empty"`` and
 ``"nonfinite"`` where they test those), ``errors(device)`` :class:`ErrorInput` bad inputs, and
 ``compare(out, ref, args)`` the rule backends are held to against the torch reference (None:
-bit-exact, NaN matching NaN). ``tests/test_contract.py`` runs every registered op through them.
+bit-exact, NaN matching NaN); for an op that mutates arguments, ``out`` and ``ref`` are the
+outputs followed by the mutated arguments (schema order). ``tests/test_contract.py`` runs every
+registered op through them.
 
 No family knowledge lives here.
 """

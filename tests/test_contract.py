@@ -7,6 +7,8 @@ exist today and for every op a new family registers:
 * the tables exist, with empty and non-finite samples;
 * backend agreement with the torch reference on every sample (bit-exact unless the op's
   ``compare`` says otherwise), outputs poisoned first, in ``alloc``'s layout on every backend;
+  each run on its own copy of the inputs, and for an op that mutates arguments the mutated
+  arguments compared after the outputs;
 * empty and NaN/inf samples, reported on their own;
 * ``torch.library.opcheck`` of the default and the forced-backend overloads;
 * ``torch.compile(fullgraph=True)`` through the Python API under "auto" and each forced backend,
@@ -73,16 +75,47 @@ def _layout(outs):
     return [(tuple(t.shape), t.dtype, t.stride() if t.numel() > 1 else None) for t in _tensors(outs)]
 
 
+def _fresh(x, device: str, memo: dict):
+    """``x`` with every tensor copied onto ``device``; views of one storage stay views of one
+    copy (e.g. k and v caches in one buffer), so an op that mutates its arguments runs on its own
+    copy with the sample's aliasing."""
+    if isinstance(x, torch.Tensor):
+        st = x.untyped_storage()
+        key = (st.device, st.data_ptr())
+        if key not in memo:
+            copy = st.clone()
+            memo[key] = copy.cpu() if torch.device(device).type == "cpu" else copy.cuda(torch.device(device))
+        return torch.empty(0, dtype=x.dtype, device=device).set_(memo[key], x.storage_offset(), x.shape, x.stride())
+    if isinstance(x, (list, tuple)):
+        return type(x)(_fresh(v, device, memo) for v in x)
+    if isinstance(x, dict):
+        return {k: _fresh(v, device, memo) for k, v in x.items()}
+    return x
+
+
+def _with_mutated(op, outs, args, kwargs) -> tuple:
+    """What the contract compares: the outputs, then the arguments the op mutates (schema order)."""
+    bound = op.bind(args, kwargs)
+    return (*_tensors(outs), *(v for a, v in zip(op.args, bound) if a.mutated))
+
+
 def _agree(name: str, device: str, backend: str, sample) -> None:
     op = OPS[name]
-    want = op(*_to(sample.args, "cpu"), backend="torch", **_to(sample.kwargs, "cpu"))
+    memo: dict = {}
+    ref_args, ref_kwargs = _fresh(sample.args, "cpu", memo), _fresh(sample.kwargs, "cpu", memo)
+    want = op(*ref_args, backend="torch", **ref_kwargs)
+    memo = {}
+    args, kwargs = _fresh(sample.args, device, memo), _fresh(sample.kwargs, device, memo)
     poison_cuda_cache(1 << 24)
     with poisoned_outputs():
-        got = op(*sample.args, backend=backend, **sample.kwargs)
+        got = op(*args, backend=backend, **kwargs)
     what = f"{name} [{device}/{backend}] {sample.tag or 'sample'} {sample.note}"
-    why = outputs_differ(_to(got, "cpu"), want, op, _to(op.bind(sample.args, sample.kwargs), "cpu"))
+    got_all, want_all = got, want
+    if op.mutates_args:
+        got_all, want_all = _with_mutated(op, got, args, kwargs), _with_mutated(op, want, ref_args, ref_kwargs)
+    why = outputs_differ(_to(got_all, "cpu"), want_all, op, _to(op.bind(args, kwargs), "cpu"))
     assert why is None, f"{what}: {why}"
-    alloc = op.alloc(*op.bind(sample.args, sample.kwargs)) if op.alloc_fn is not None else None
+    alloc = op.alloc(*op.bind(args, kwargs)) if op.alloc_fn is not None else None
     if alloc is not None:
         assert _layout(got) == _layout(alloc), f"{what}: outputs not in alloc's layout"
 

@@ -206,15 +206,50 @@ def heads_differ(got: torch.Tensor, want: torch.Tensor, normed: bool) -> str | N
 
 
 def _compare_at(qw_index: int):
-    """``compare`` for ops returning ``(q_out, k_out)``, their norm weights at ``args[qw_index:+2]``."""
+    """``compare`` for ops returning ``(q_out, k_out)``, their norm weights at ``args[qw_index:+2]``.
+    The fused op's ``(q_out, k_out, k_cache, v_cache)`` (outputs, then the mutated caches, as the
+    contract passes them) also holds its caches to the rule of what they store: the k cache is
+    ``k_out`` (quantized for e4m3 caches: within one e4m3 step of the reference's when k is
+    normed, as a value within tolerance may round to the neighbouring step), v bit for bit."""
     def compare(got, want, args):
         for name, g, w, weight in zip(("q_out", "k_out"), got, want, args[qw_index:qw_index + 2]):
             why = heads_differ(g, w, weight is not None)
             if why:
                 return f"{name}: {why}"
+        if len(got) == 4:
+            k_normed = args[qw_index + 1] is not None
+            why = (_e4m3_step_differs(got[2], want[2]) if k_normed and got[2].dtype == FP8_DTYPE
+                   else heads_differ(got[2], want[2], k_normed)) or bits_differ(got[3], want[3])
+            if why:
+                return f"caches: {why}"
         return None
 
     return compare
+
+
+def _e4m3_step_differs(got: torch.Tensor, want: torch.Tensor) -> str | None:
+    """None if the e4m3 ``got`` equals ``want`` or is one representable step from it (NaN where
+    the reference has NaN)."""
+    g, w = got.detach().cpu().float(), want.detach().cpu().float()
+    if not torch.equal(g.isnan(), w.isnan()):
+        return "NaN where the reference differs"
+    ok = ~w.isnan()
+    step = torch.exp2(torch.floor(torch.log2(w[ok].abs().clamp(min=2.0**-6))) - 3)  # e4m3: 3 mantissa bits
+    bad = (g[ok] - w[ok]).abs() > step
+    return f"{int(bad.sum())} e4m3 values more than one step from the reference" if bool(bad.any()) else None
+
+
+def _compare_inplace(got, want, args):
+    """``qk_norm_rope_``: its mutated ``qkv`` (the contract's ``(qkv,)``) split into q, k, v: q and
+    k under ``qk_norm_rope``'s rule, v untouched bit for bit."""
+    hq, hk = args[5], args[6]
+    (gq, gk, gv), (wq, wk, wv) = ref.split_qkv(got[0], hq, hk), ref.split_qkv(want[0], hq, hk)
+    for name, g, w, weight in (("q", gq, wq, args[1]), ("k", gk, wk, args[2])):
+        why = heads_differ(g, w, weight is not None)
+        if why:
+            return f"qkv's {name}: {why}"
+    why = bits_differ(gv, wv)
+    return f"qkv's v: {why}" if why else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +337,7 @@ _qnr_inplace_op = Op(
     torch_impl=ref.qk_norm_rope_inplace_ref,
     triton_impl=_triton_qnr_inplace,
     mutates_args=("qkv",),
+    compare=_compare_inplace,
     samples=tables.qk_norm_rope_inplace_samples,
     errors=tables.qk_norm_rope_inplace_errors,
 )

@@ -17,7 +17,9 @@
   (``E (1 - (1 - k/E)^T)`` of them) plus activations: decode is weight-bound (target >= 70% of
   HBM bandwidth), prefill FP8-compute-bound (target >= 1000 TFLOP/s and 1.3x the peer). Peer:
   ``torch._grouped_mm`` in BF16 over the same routing (sort, two grouped GEMMs, SwiGLU, weighted
-  scatter), on a GPU.
+  scatter), on a GPU; and ``fused_moe_grouped`` ("grouped GEMMs": the permutation, the grouped GEMM
+  ops (CUTLASS on a GPU) and the combine), the candidate prefill path, which ``fused_moe`` adopts
+  where this peer wins.
 * ``fused_moe +shared``: the shared expert fused as always-selected expert E (top-(k+1), weight 1)
   at TP8, against the peer "separate shared" (routed fused_moe, then the dense SwiGLU): which one
   ``MoE(fuse_shared=...)`` should default to is this case's GPU result.
@@ -133,6 +135,12 @@ def _grouped_mm_peer(device, gen, x, w13, w2, wts, ids, *scales):
     return smoke("torch._grouped_mm", run)
 
 
+def _grouped_path_peer(device, gen, *args):
+    """fused_moe_grouped on the auto backend (CUDA: CUTLASS grouped GEMMs)."""
+    gpu_only("grouped GEMMs", device)
+    return smoke("grouped GEMMs", lambda: moe.fused_moe_grouped(*args))
+
+
 def _fused_case(cfg: ModelConfig, t: int, layout: str, local_e: int, inter: int, fp8: bool) -> Case:
     from glm45_ops import quant
 
@@ -162,7 +170,7 @@ def _fused_case(cfg: ModelConfig, t: int, layout: str, local_e: int, inter: int,
         bytes_moved=int(hit * 3 * inter * h * wbytes + 2 * t * h * 2),
         flops=int(6 * pairs * h * inter),
         roofline="memory" if t <= 64 else ("compute:fp8" if fp8 else "compute:bf16"),
-        peers={"torch._grouped_mm": _grouped_mm_peer},
+        peers={"torch._grouped_mm": _grouped_mm_peer, "grouped GEMMs": _grouped_path_peer},
         params={"T": t, "layout": layout, "E_local": local_e, "I": inter, "fp8": fp8},
     )
 

@@ -20,6 +20,12 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
+        # Tests parametrized onto the GPU (device_backends' ("cuda", backend) pairs) are GPU tests
+        # too: `-m gpu` selects them with the explicitly marked ones (benchmarks/gpu_check.sh).
+        for item in items:
+            callspec = getattr(item, "callspec", None)
+            if callspec is not None and str(callspec.params.get("device", "")).startswith("cuda"):
+                item.add_marker(pytest.mark.gpu)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

@@ -68,6 +68,15 @@ def _leaves(x: Any) -> list:
     return [x]
 
 
+def with_mutated(op: "_registry.Op", outs: Any, args: tuple) -> Any:
+    """What a backend is held to: ``outs``, and for an op that mutates arguments, the outputs
+    followed by those arguments (schema order; ``args`` bound by ``op.bind``), which is what its
+    ``compare`` receives."""
+    if not op.mutates_args:
+        return outs
+    return (*(o for o in _leaves(outs) if o is not None), *(v for a, v in zip(op.args, args) if a.mutated))
+
+
 def outputs_differ(got: Any, want: Any, op: "_registry.Op | None" = None, args: tuple = ()) -> str | None:
     """None if ``got`` agrees with the reference outputs ``want``: by ``op.compare`` when the op
     has one (a tolerance its docstring justifies), else bit for bit, output by output."""

@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import glm45_ops
 from conftest import device_backends
 from glm45_ops._registry import CONCRETE_BACKENDS, registered_ops
-from glm45_ops.testing import outputs_differ, poison_cuda_cache, poisoned_outputs
+from glm45_ops.testing import outputs_differ, poison_cuda_cache, poisoned_outputs, with_mutated
 
 OPS = registered_ops()
 NAMES = sorted(OPS)
@@ -93,12 +93,6 @@ def _fresh(x, device: str, memo: dict):
     return x
 
 
-def _with_mutated(op, outs, args, kwargs) -> tuple:
-    """What the contract compares: the outputs, then the arguments the op mutates (schema order)."""
-    bound = op.bind(args, kwargs)
-    return (*_tensors(outs), *(v for a, v in zip(op.args, bound) if a.mutated))
-
-
 def _agree(name: str, device: str, backend: str, sample) -> None:
     op = OPS[name]
     memo: dict = {}
@@ -110,9 +104,8 @@ def _agree(name: str, device: str, backend: str, sample) -> None:
     with poisoned_outputs():
         got = op(*args, backend=backend, **kwargs)
     what = f"{name} [{device}/{backend}] {sample.tag or 'sample'} {sample.note}"
-    got_all, want_all = got, want
-    if op.mutates_args:
-        got_all, want_all = _with_mutated(op, got, args, kwargs), _with_mutated(op, want, ref_args, ref_kwargs)
+    got_all = with_mutated(op, got, op.bind(args, kwargs))
+    want_all = with_mutated(op, want, op.bind(ref_args, ref_kwargs))
     why = outputs_differ(_to(got_all, "cpu"), want_all, op, _to(op.bind(args, kwargs), "cpu"))
     assert why is None, f"{what}: {why}"
     alloc = op.alloc(*op.bind(args, kwargs)) if op.alloc_fn is not None else None
@@ -192,13 +185,14 @@ def test_torch_compile_fullgraph(name, device, backend, how):
         pytest.skip("same as argument")
     sample = _samples(name, device, "")[0]
     torch._dynamo.reset()
+    args, kwargs = _fresh(sample.args, device, memo := {}), _fresh(sample.kwargs, device, memo)
 
     if how == "argument":
-        def fn(*args):
-            return op(*args, backend=backend, **sample.kwargs)
+        def fn(*a):
+            return op(*a, backend=backend, **kwargs)
     else:
-        def fn(*args):
-            return op(*args, **sample.kwargs)
+        def fn(*a):
+            return op(*a, **kwargs)
 
     seen = []
 
@@ -208,10 +202,12 @@ def test_torch_compile_fullgraph(name, device, backend, how):
 
     compiled = torch.compile(fn, fullgraph=True, backend=record_then_aot_eager, dynamic=False)
     with glm45_ops.use_backend(backend if how == "use_backend" else "auto"):
-        got = compiled(*sample.args)
+        got = compiled(*args)
     assert op.overload_for(backend) in seen, f"the graph calls {seen}, not {op.overload_for(backend)}"
-    want = op(*sample.args, backend=backend, **sample.kwargs)
-    why = outputs_differ(_to(got, "cpu"), _to(want, "cpu"), op, _to(op.bind(sample.args, sample.kwargs), "cpu"))
+    eager_args, eager_kwargs = _fresh(sample.args, device, memo := {}), _fresh(sample.kwargs, device, memo)
+    want = op(*eager_args, backend=backend, **eager_kwargs)
+    got, want = with_mutated(op, got, op.bind(args, kwargs)), with_mutated(op, want, op.bind(eager_args, eager_kwargs))
+    why = outputs_differ(_to(got, "cpu"), _to(want, "cpu"), op, _to(op.bind(args, kwargs), "cpu"))
     assert why is None, why
 
 
@@ -284,9 +280,12 @@ def test_raw_op_needs_only_its_required_arguments(name):
     (``dequant_fp8.default(q, s)`` and ``fp8_block_gemm.default(a, a_s, b, b_s)`` used to fail)."""
     op = OPS[name]
     sample = _samples(name, "cpu", "")[0]
-    bound = op.bind(sample.args, sample.kwargs)
-    required = [v for a, v in zip(op.args, bound) if not a.has_default]
-    defaults = tuple(a.default if a.has_default else v for a, v in zip(op.args, bound))
-    got = op.overload(*required)
-    why = outputs_differ(got, op(*defaults), op, defaults)
+    def with_defaults(bound):
+        return tuple(a.default if a.has_default else v for a, v in zip(op.args, bound))
+
+    raw = op.bind(_fresh(sample.args, "cpu", memo := {}), _fresh(sample.kwargs, "cpu", memo))
+    got = op.overload(*(v for a, v in zip(op.args, raw) if not a.has_default))
+    api = with_defaults(op.bind(_fresh(sample.args, "cpu", memo := {}), _fresh(sample.kwargs, "cpu", memo)))
+    want = op(*api)
+    why = outputs_differ(with_mutated(op, got, with_defaults(raw)), with_mutated(op, want, api), op, api)
     assert why is None, why

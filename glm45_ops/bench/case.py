@@ -56,6 +56,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from glm45_ops import registered_ops
+from glm45_ops.testing import with_mutated
 from glm45_ops.bench.roofline import KINDS as ROOFLINES
 from glm45_ops.config import ModelConfig
 
@@ -135,7 +136,8 @@ class Case:
 @dataclass(frozen=True)
 class OpRun:
     """The runner :func:`op_runner` returns: ``fn(*args, backend=backend)``, where ``args`` are
-    the op's arguments bound in schema order, so ``--refcheck`` can apply the op's ``compare``."""
+    the op's arguments bound in schema order, so ``--refcheck`` can apply the op's ``compare``
+    (to the outputs and, for an op that writes its arguments, those arguments after them)."""
 
     fn: Callable
     op: Any  # the registry's Op
@@ -143,7 +145,7 @@ class OpRun:
     backend: str
 
     def __call__(self) -> Any:
-        return self.fn(*self.args, backend=self.backend)
+        return with_mutated(self.op, self.fn(*self.args, backend=self.backend), self.args)
 
 
 def require(fn: Callable, backend: str, device: torch.device) -> None:

@@ -120,10 +120,8 @@ def _targets(model: Glm45ForCausalLM) -> dict[str, Callable[[str], _Target | Non
             out[p + "self_attn.k_norm.weight"] = att.k_norm.weight
         mlp = layer.mlp
         if isinstance(mlp, DenseMLP):
-            n = mlp.intermediate_size
-            out[p + "mlp.gate_proj"] = _linear_target(mlp.gate_up_proj, 0, n)
-            out[p + "mlp.up_proj"] = _linear_target(mlp.gate_up_proj, n, 2 * n)
-            out[p + "mlp.down_proj"] = _linear_target(mlp.down_proj)
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                out[p + "mlp." + proj] = _linear_target(getattr(mlp, proj))
         else:
             out[p + "mlp.gate.weight"] = mlp.gate.weight
             out[p + "mlp.gate.e_score_correction_bias"] = mlp.gate.e_score_correction_bias

@@ -5,8 +5,8 @@ projection (a plain matmul in BF16, :func:`glm45_ops.gemm.fp8_linear` in FP8), Q
 RoPE fused with the paged KV-cache write (:func:`glm45_ops.attention.qk_norm_rope_kv_write`) and
 paged attention (:func:`~glm45_ops.attention.attention_paged`), or :func:`~glm45_ops.attention.qk_norm_rope`
 and :func:`~glm45_ops.attention.attention_varlen` for a cache-less forward, the routed and shared
-experts (:class:`glm45_ops.moe.MoE`: routing, ``fused_moe``), the dense SwiGLU
-(:func:`glm45_ops.moe.shared_expert`) and MTP verification (:mod:`glm45_ops.speculative`). What
+experts (:class:`glm45_ops.moe.MoE`: routing, ``fused_moe``), the dense SwiGLU's projections (the
+same linear layers) and MTP verification (:mod:`glm45_ops.speculative`). What
 is left in torch is elementwise: RMSNorm (HF numerics), the embedding, residual adds.
 
 Layout of a forward: tokens are packed ``[T, ...]`` (``T = B * n`` for ``n`` new tokens per
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from glm45_ops import attention as attn_ops
 from glm45_ops.gemm import fp8_linear
 from glm45_ops.model.config import Glm45Config
-from glm45_ops.moe import MoE, shared_expert
+from glm45_ops.moe import MoE
 from glm45_ops.quant import per_block_quant_fp8
 
 __all__ = ["Glm45ForCausalLM", "PagedKVCache"]
@@ -161,19 +161,18 @@ class Attention(torch.nn.Module):
 
 
 class DenseMLP(torch.nn.Module):
-    """SwiGLU with fused gate/up rows (``[gate; up]``), run by :func:`glm45_ops.moe.shared_expert`."""
+    """SwiGLU ``down(silu(gate(x)) * up(x))``, the SwiGLU in fp32 and rounded once (as
+    :func:`glm45_ops.moe.shared_expert`). Gate and up stay separate projections: GLM-4.5-Air's
+    dense width 10944 is not a multiple of 128, so fused rows would share FP8 scale blocks."""
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, device):
         super().__init__()
-        self.intermediate_size = inter
-        self.gate_up_proj = Linear(hidden, 2 * inter, False, dtype, device)
+        self.gate_proj = Linear(hidden, inter, False, dtype, device)
+        self.up_proj = Linear(hidden, inter, False, dtype, device)
         self.down_proj = Linear(inter, hidden, False, dtype, device)
-        self.backend: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu, down = self.gate_up_proj, self.down_proj
-        return shared_expert(x, gu.weight, down.weight, gu.weight_scale_inv, down.weight_scale_inv,
-                             backend=self.backend)
+        return self.down_proj((F.silu(self.gate_proj(x).float()) * self.up_proj(x).float()).to(x.dtype))
 
 
 class DecoderLayer(torch.nn.Module):
@@ -280,7 +279,7 @@ class Glm45ForCausalLM(torch.nn.Module):
         for layer in layers:
             out += [layer.self_attn.qkv_proj, layer.self_attn.o_proj]
             if isinstance(layer.mlp, DenseMLP):
-                out += [layer.mlp.gate_up_proj, layer.mlp.down_proj]
+                out += [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
         return out
 
     def _moes(self) -> list[MoE]:
@@ -291,16 +290,16 @@ class Glm45ForCausalLM(torch.nn.Module):
     def quantize_fp8_(self) -> "Glm45ForCausalLM":
         """Requantize the linear and expert weights to e4m3 128 x 128 blocks in place with
         ``per_block_quant_fp8`` (the RL "BF16 training, FP8 rollout" path); returns self. Needs a
-        bf16 model; fused q/k/v rows and gate/up rows must split at block boundaries (128 divides
-        the q and kv widths and the expert intermediate size, as in GLM-4.5 and Air)."""
+        bf16 model; the fused q/k/v rows and the experts' gate/up rows must split at block
+        boundaries (128 divides the q and kv widths and the expert intermediate size, as in GLM-4.5
+        and Air; the dense MLP's width need not: Air's is 10944)."""
         if self.is_fp8:
             raise ValueError("the model is already FP8")
         if self.dtype != torch.bfloat16:
             raise ValueError(f"quantize_fp8_ needs a bfloat16 model (FP8 GEMMs take bf16 activations), got {self.dtype}")
         cfg = self.config
         for name, size in (("q width", cfg.q_size), ("kv width", cfg.kv_size),
-                           ("moe_intermediate_size", cfg.moe_intermediate_size),
-                           ("intermediate_size", cfg.intermediate_size)):
+                           ("moe_intermediate_size", cfg.moe_intermediate_size)):
             if size % QUANT_BLOCK:
                 raise ValueError(f"FP8 needs {name} = {size} to be a multiple of {QUANT_BLOCK}")
         for lin in self._fp8_linears():

@@ -262,8 +262,10 @@ def test_save_and_load_round_trip(tmp_path, shard):
     assert torch.equal(m2.generate(ids, 4, speculative="mtp", num_draft_tokens=2), m.generate(ids, 4))
 
 
-def test_fp8_checkpoint_loads_as_fp8_and_stays_close_to_bf16(tmp_path):
-    m = _model(dtype=torch.bfloat16)
+@pytest.mark.parametrize("cfg", [TINY, dataclasses.replace(TINY, intermediate_size=320)],
+                         ids=["tiny", "dense width 320 (Air's 10944: not a multiple of 128)"])
+def test_fp8_checkpoint_loads_as_fp8_and_stays_close_to_bf16(tmp_path, cfg):
+    m = _model(cfg, dtype=torch.bfloat16)
     ids = torch.randint(0, TINY.vocab_size, (2, 9))
     bf16 = m(ids).float()
     m.quantize_fp8_()

@@ -141,3 +141,13 @@ def test_installed_copy_has_every_package_file(module):
     rel = {str(Path(p).relative_to(module.__name__)) for p in _files(checkout)}
     have = {str(p.relative_to(installed)) for p in installed.rglob("*") if p.is_file()}
     assert not rel - have, f"missing from the installed {module.__name__}: {sorted(rel - have)}"
+
+
+@installed_copy
+@pytest.mark.parametrize("script", ["glm45-bench", "glm45-generate"])
+def test_console_scripts_run(script):
+    """pyproject's [project.scripts] reach the user's PATH and start."""
+    path = Path(sys.executable).parent / script
+    assert path.exists(), f"{script} not installed next to {sys.executable}"
+    done = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage" in done.stdout, done.stderr[-2000:]

@@ -126,15 +126,17 @@ def _block_v(v: int, elem_bytes: int) -> int:
 
 def token_logprobs(
     logits: torch.Tensor, token_ids: torch.Tensor, temperature: float, temperatures: torch.Tensor | None,
-    logprobs: torch.Tensor, entropy: torch.Tensor,
+    logprobs: torch.Tensor, entropy: torch.Tensor, block_v: int | None = None,
 ) -> None:
-    """Fill ``logprobs`` and ``entropy`` fp32 ``[T]`` from ``logits`` ``[T, V]`` (unit last stride)."""
+    """Fill ``logprobs`` and ``entropy`` fp32 ``[T]`` from ``logits`` ``[T, V]`` (unit last stride).
+    ``block_v`` (a power of two) overrides the chunk size: tests use it to run the online
+    rescaling across chunks in the interpreter, where a row is otherwise one chunk."""
     n, v = logits.shape
     has_t = temperatures is not None
     _token_logprobs_kernel[(n,)](
         logits, token_ids, temperatures if has_t else logits, logprobs, entropy,
         v, logits.stride(0), token_ids.stride(0), temperatures.stride(0) if has_t else 0, temperature,
-        HAS_TEMPS=has_t, BLOCK_V=_block_v(v, logits.element_size()), num_warps=8,
+        HAS_TEMPS=has_t, BLOCK_V=block_v or _block_v(v, logits.element_size()), num_warps=8,
     )
 
 
@@ -211,13 +213,13 @@ def _linear_fwd_kernel(
         here = (tok >= n0) & (tok < n0 + BLOCK_N)
         x_i = tl.where(here, tl.sum(tl.where(cols[None, :] == tok[:, None], x, 0.0), axis=1), x_i)
         m, s, w = _online_update(m, s, w, x, col_ok[None, :], c, 1)
-    part = part_ptr + split.to(tl.int64) * (4 * T) + rows
+    part = part_ptr + split.to(tl.int64) * 4 * T + rows  # int64 from the left
     tl.store(part, m, mask=row_ok)
     tl.store(part + T, s, mask=row_ok)
     tl.store(part + 2 * T, w, mask=row_ok)
     tl.store(part + 3 * T, x_i, mask=row_ok)
     if TRACK_ARGMAX:
-        arg = arg_ptr + split.to(tl.int64) * (2 * T) + rows
+        arg = arg_ptr + split.to(tl.int64) * 2 * T + rows
         tl.store(arg, best_key, mask=row_ok)
         tl.store(arg + T, best_id, mask=row_ok)
 
@@ -233,17 +235,21 @@ def _linear_merge_kernel(
     tok, valid, c, greedy = _row_params(ids_ptr, temps_ptr, rows, row_ok, V, i_st, t_st, temperature, HAS_TEMPS)
     m = tl.full([BLOCK_T], float("-inf"), tl.float32)
     x_i = tl.full([BLOCK_T], float("-inf"), tl.float32)
-    for k in range(0, n_split):  # the row's max, and its target logit (-inf in the other splits)
-        part = part_ptr + k * (4 * T) + rows
+    # the splits' states lie 4T floats (argmax: 2T ints) apart: the pointers step along (64-bit
+    # addresses) instead of forming k * 4T in int32
+    part = part_ptr + rows
+    for _ in range(0, n_split):  # the row's max, and its target logit (-inf in the other splits)
         m = tl.maximum(m, tl.load(part, mask=row_ok, other=0.0))
         x_i = tl.maximum(x_i, tl.load(part + 3 * T, mask=row_ok, other=0.0))
+        part += 4 * T
     ms = tl.where(m == float("-inf"), 0.0, m)
     s = tl.zeros([BLOCK_T], tl.float32)
     w = tl.zeros([BLOCK_T], tl.float32)
     best_key = tl.full([BLOCK_T], _INT32_MIN, tl.int32)
     best_id = tl.zeros([BLOCK_T], tl.int32)
-    for k in range(0, n_split):
-        part = part_ptr + k * (4 * T) + rows
+    part = part_ptr + rows
+    arg = arg_ptr + rows
+    for _ in range(0, n_split):
         mk = tl.load(part, mask=row_ok, other=0.0)
         sk = tl.load(part + T, mask=row_ok, other=0.0)
         wk = tl.load(part + 2 * T, mask=row_ok, other=0.0)
@@ -251,12 +257,13 @@ def _linear_merge_kernel(
         a = tl.where(mk == float("-inf"), 0.0, tl.exp(delta))
         s += sk * a
         w += tl.where(a == 0.0, 0.0, a * (wk + sk * delta))
+        part += 4 * T
         if TRACK_ARGMAX:
-            arg = arg_ptr + k * (2 * T) + rows
             key = tl.load(arg, mask=row_ok, other=_INT32_MIN)
             better = key > best_key  # strict: earlier splits (lower ids) win ties
             best_key = tl.where(better, key, best_key)
             best_id = tl.where(better, tl.load(arg + T, mask=row_ok, other=0), best_id)
+            arg += 2 * T
     lp, ent, lse = _finish(m, s, w, x_i, valid, c)
     if TRACK_ARGMAX:
         lp = tl.where(greedy, tl.where(valid & (tok == best_id), 0.0, float("-inf")), lp)

@@ -98,6 +98,35 @@ def test_masked_vocabulary_and_row_strides(backend, gen):
     torch.testing.assert_close(ent, ent_kept, rtol=0, atol=1e-5)
 
 
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="no Triton interpreter here")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_state_across_chunks(dtype, gen):
+    """The Triton kernel in 64-wide chunks (the interpreter otherwise reads a row as one chunk,
+    so the online rescaling between chunks, the error-prone part, would never run here) against
+    the float64 oracle: a maximum that grows in every chunk, masked leading chunks (a state that
+    saw only -inf meets a finite max), the maximum alone in the partial last chunk, a maximum in
+    the first chunk only; and greedy rows whose tied maxima lie in different chunks."""
+    from triton_ops import rollout as tr
+
+    v = 301  # four full chunks and a partial one
+    logits = logits_of((7, v), torch.float32, gen)
+    logits[0] = torch.linspace(-40.0, 40.0, v)
+    logits[1, :150] = float("-inf")
+    logits[2, v - 1] = 30.0
+    logits[3] = torch.linspace(40.0, -40.0, v)
+    logits[4, [10, 202]] = 50.0  # ties in the same lane of different chunks
+    logits[5, [70, 134]] = 50.0
+    logits = logits.to(dtype)
+    ids = torch.randint(150, v, (7,), generator=gen)
+    ids[4], ids[5] = 10, 134  # the first tied maximum (logprob 0), the second (-inf)
+    t = torch.tensor([0.7, 1.0, 1.3, 0.9, 0.0, 0.0, 2.5])
+    lp, ent = OP.alloc(logits, ids, 1.0, t)
+    tr.token_logprobs(logits, ids, 1.0, t, lp, ent, block_v=64)
+    soft = t > 0
+    assert_matches_oracle(lp[soft], ent[soft], logits[soft], ids[soft], t[soft])
+    assert lp[4] == 0.0 and lp[5] == float("-inf") and ent[4] == ent[5] == 0.0
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_empty(backend):
     for ids_dtype in (torch.int32, torch.int64):

@@ -13,20 +13,29 @@ valid (unmasked) tokens ``t`` of each sequence ``S``:
   ``S`` gets ``clamp(exp(sum_{t in S} lr_t), ...)``, the product of its ratios.
 * **geometric** (verl ``"geometric"``): ``clamp(exp(mean_{t in S} lr_t), ...)``, their geometric mean.
 
-Masked positions get weight 0 (they may hold anything, NaN included: it is never read). The
+``clip_low`` is slime's ``--tis-clip-low``; verl's truncate mode clips above only (its lower
+threshold belongs to its mask mode), which is ``clip_low=0``, the default.
+
+Masked positions get weight 0 (they may hold anything, NaN included: it is never read). A valid
+token's NaN log-ratio (a NaN input, or ``-inf`` on both sides) is NaN in its weight (its
+sequence's at the sequence levels) and in every metric but ``clip_frac`` (which counts it as
+clipped). The
 metrics, fp32 0-dim tensors on the inputs' device (means over valid tokens; 0 when there are
 none, the denominator clamped to 1 as slime's ``masked_mean``):
 
 * ``kl_k1``: ``mean(logp_rollout - logp_train)``, the k1 estimator of KL(rollout || train) (verl ``mismatch_kl``);
-* ``kl_k3``: ``mean(r - lr - 1)``, the non-negative k3 estimator of the same KL (verl ``mismatch_k3_kl``);
+* ``kl_k3``: ``mean(r - lr - 1)``, the non-negative k3 estimator of the same KL (verl
+  ``mismatch_k3_kl``), computed as ``expm1(lr) - lr`` so that it stays accurate (and
+  non-negative) for the tiny log-ratios of a close match;
 * ``ppl_ratio``: the mean over sequences (with at least one valid token) of
   ``exp(mean logp_rollout - mean logp_train)``, the trainer's perplexity over the rollout's
   (verl ``mismatch_ppl_ratio``);
 * ``clip_frac``: the fraction of valid tokens whose weight was clipped (``w != ratio``, slime
   ``tis_clipfrac``; at the sequence levels each token carries its sequence's ratio);
-* ``max_ratio``: the largest unclipped ratio at the chosen level (verl ``rollout_is_max``; ``inf``
-  when it overflows fp32, 0 with no valid token);
-* ``weight_mean``: the mean clipped weight (verl ``rollout_is_mean``).
+* ``max_ratio``: the largest unclipped ratio at the chosen level (verl ``rollout_is_max``, which
+  bounds it at ``exp(20)``; here ``inf`` when it overflows fp32, 0 with no valid token);
+* ``weight_mean``: the mean clipped weight, what the loss is scaled by on average (verl's
+  ``rollout_is_mean`` averages the ratios before truncation instead).
 
 verl clamps log-ratios to +-20 before ``exp``; here ``exp`` may overflow to ``inf`` and the clamp
 to ``clip_high`` takes it back, so weights are exact and only ``max_ratio`` shows the overflow.
@@ -154,7 +163,9 @@ def importance_weights(
     seq_ppl_ratio = torch.where(has_tokens, (-sum_lr / n_tok.clamp(min=1)).exp(), 0.0)
     metrics = {
         "kl_k1": mean(-lr),
-        "kl_k3": mean(lr.exp() - lr - 1),
+        # expm1: r - 1 is ~lr, and r - 1 - lr ~lr^2/2 cancels in fp32 as exp(lr) - 1 (negative
+        # means at |lr| ~ 1e-4); an lr of +inf (the rollout gave the token probability 0) is +inf
+        "kl_k3": mean(torch.where(lr == math.inf, math.inf, torch.expm1(lr) - lr)),
         "ppl_ratio": seq_ppl_ratio.sum() / has_tokens.sum().clamp(min=1),
         "clip_frac": mean((clipped != ratio).float()),
         # padded with one -inf so that an empty input has a max (exp: 0)

@@ -106,6 +106,21 @@ def test_defaults_are_slimes_tis(gen):
     assert metrics["max_ratio"].item() == pytest.approx(math.e)
 
 
+def test_k3_of_a_close_match(gen):
+    """k3 = r - 1 - log r is about lr^2 / 2: at the log-ratio spread of a close match (1e-4, BF16
+    against FP32) ``exp(lr) - 1`` cancels in fp32 and the mean came out negative; it must stay
+    the float64 value of the same fp32 log-ratios. A valid token the rollout gave probability 0
+    (lr = +inf) makes it +inf, not inf - inf."""
+    rollout = -torch.rand(4096, generator=gen) * 5
+    train = rollout + torch.randn(4096, generator=gen) * 1e-4
+    _, metrics = importance_weights(train, rollout)
+    lr = (train - rollout).double()  # the fp32 log-ratios the function sees, exactly
+    assert metrics["kl_k3"].item() == pytest.approx((torch.expm1(lr) - lr).mean().item(), rel=1e-4)
+    rollout[7] = float("-inf")
+    _, metrics = importance_weights(train, rollout)
+    assert metrics["kl_k3"] == float("inf")
+
+
 def test_overflow_and_empty():
     """A sequence ratio beyond fp32 clips to clip_high (max_ratio says inf); no valid token gives
     zero weights and zero metrics, not NaN."""

@@ -39,7 +39,8 @@ and ``weight``; it never stores ``[T, V]``.
 **Chunking.** This module materialises at most ``CHUNK_ELEMS`` fp32 logits at a time (a few
 temporaries of that size): ``token_logprobs_ref`` takes whole rows, ``linear_logprobs_ref`` tiles
 ``[CHUNK_T, CHUNK_V]`` and merges the running ``(m, s, sum e*d)`` of each row across V chunks,
-equal to the formulas above in exact arithmetic (fp32 rounding differs by a few ulps).
+equal to the formulas above in exact arithmetic (fp32 rounding differs by a few ulps); its
+backward recomputes the same tiles.
 """
 
 from __future__ import annotations
@@ -193,33 +194,40 @@ def linear_logprobs_backward_ref(
     lse: torch.Tensor,
     temperature: float,
     temperatures: torch.Tensor | None,
+    chunk_t: int = CHUNK_T,
     chunk_v: int = CHUNK_V,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_hidden in hidden's dtype ``[T, H]``, grad_weight in weight's dtype ``[V, H]``): the
-    module docstring's formula, ``x`` recomputed in ``[T, chunk_v]`` fp32 chunks; grad_weight's
-    rows are one chunk each, grad_hidden accumulates over the chunks in fp32."""
+    module docstring's formula, ``x`` recomputed in the forward's ``[chunk_t, chunk_v]`` fp32
+    tiles; both gradients accumulate over the tiles in fp32 (grad_weight one chunk of rows at a
+    time)."""
     n, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     t = row_temperatures(n, temperature, temperatures, dev)[:, 0]
     live = ~(t <= 0)  # greedy rows have no gradient (NaN temperatures propagate)
-    c = torch.where(live, t, 1.0)[:, None]
+    c_all = torch.where(live, t, 1.0)[:, None]
     valid, safe = _valid_ids(token_ids, v)
-    a = torch.where(valid & live, grad_logprobs.float(), 0.0)[:, None]
-    b = torch.where(live, grad_entropy.float(), 0.0)[:, None]
-    g_lse = torch.where(live, grad_lse.float(), 0.0)[:, None]
-    ent, lse32 = entropy.float()[:, None], lse.float()[:, None]
+    a_all = torch.where(valid & live, grad_logprobs.float(), 0.0)[:, None]
+    b_all = torch.where(live, grad_entropy.float(), 0.0)[:, None]
+    g_lse_all = torch.where(live, grad_lse.float(), 0.0)[:, None]
+    ent_all, lse_all = entropy.float()[:, None], lse.float()[:, None]
     h32 = hidden.float()
     grad_h = torch.zeros(n, hidden.shape[1], device=dev)
     grad_w = torch.empty_like(weight)
     for v0 in range(0, v, chunk_v):
         v1 = min(v, v0 + chunk_v)
         w32 = weight[v0:v1].float()
-        log_p = (h32 @ w32.t()) / c - lse32
-        p = log_p.exp()
-        g = (g_lse - a) * p - b * torch.where(p == 0, 0.0, p * (log_p + ent))
         cols = torch.arange(v0, v1, device=dev)
-        g = torch.where(cols[None, :] == safe, g + a, g) / c
-        g = torch.where(live[:, None], g, 0.0)
-        grad_h += g @ w32
-        grad_w[v0:v1] = (g.t() @ h32).to(weight.dtype)
+        gw = torch.zeros_like(w32)
+        for r0 in range(0, n, chunk_t):
+            r = slice(r0, min(n, r0 + chunk_t))
+            c, a, b = c_all[r], a_all[r], b_all[r]
+            log_p = (h32[r] @ w32.t()) / c - lse_all[r]
+            p = log_p.exp()
+            g = (g_lse_all[r] - a) * p - b * torch.where(p == 0, 0.0, p * (log_p + ent_all[r]))
+            g = torch.where(cols[None, :] == safe[r], g + a, g) / c
+            g = torch.where(live[r, None], g, 0.0)
+            grad_h[r] += g @ w32
+            gw += g.t() @ h32[r]
+        grad_w[v0:v1] = gw.to(weight.dtype)
     return grad_h.to(hidden.dtype), grad_w

@@ -123,6 +123,27 @@ def test_gradients_against_float64_autograd(backend, dtype, per_row, gen, monkey
             assert calc_diff(g, w_) < 1e-4, (name, calc_diff(g, w_))
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("trained", ["hidden", "weight"])
+def test_one_operand_requires_grad(backend, trained, gen):
+    """A frozen LM head (only hidden requires grad) or a frozen trunk (only weight): the one
+    gradient against float64 autograd, the other operand untouched (no .grad)."""
+    hidden, weight, ids = operands(6, 500, 24, torch.float32, gen)
+    t = torch.rand(6, generator=gen) + 0.4
+    coef = torch.randn(6, generator=gen)
+    h, w = hidden.clone(), weight.clone()
+    leaf = (h if trained == "hidden" else w).requires_grad_()
+    with glm45_ops.use_backend(backend):
+        lp, ent = linear_logprobs(h, w, ids, t, backend=backend)
+        (coef * lp + 0.1 * ent).sum().backward()
+    hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    lp64, ent64, _ = oracle(hd, wd, ids, t)
+    (coef.double() * lp64 + 0.1 * ent64).sum().backward()
+    want = hd.grad if trained == "hidden" else wd.grad
+    torch.testing.assert_close(leaf.grad.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    assert (w if trained == "hidden" else h).grad is None
+
+
 def test_gradcheck():
     """torch.autograd.gradcheck of (logprobs, entropy) w.r.t. both operands. The op computes in
     fp32 (it takes no float64), so the finite differences use a large step and tolerance."""
@@ -263,14 +284,15 @@ def test_forward_never_allocates_full_logits(path, mem_inputs):
 
 @pytest.mark.parametrize("path", _paths())
 def test_backward_never_allocates_full_logits(path, mem_inputs, gen):
-    """Backward in [T, 512] chunks: grad-logits of one chunk, grad_hidden's fp32 accumulator
-    ([T, H]) and the outputs (grad_weight is [V, H], the weight's own size, the largest)."""
+    """Backward in [32, 512] reference tiles (Triton: [T, 512] chunks): grad-logits of one
+    tile, the fp32 accumulators of grad_hidden ([T, H]) and of one chunk of grad_weight, and the
+    outputs (grad_weight is [V, H], the weight's own size, the largest)."""
     hidden, weight, ids, ent, lse = mem_inputs
     grads = tuple(torch.randn(MEM_T, generator=gen) for _ in range(3))
     args = (*grads, hidden, weight, ids, ent, lse, 1.0, None)
     with torch.no_grad(), LiveBytes() as mem:
         if path == "torch":
-            ref.linear_logprobs_backward_ref(*args, chunk_v=CHUNK)
+            ref.linear_logprobs_backward_ref(*args, chunk_t=CHUNK_T, chunk_v=CHUNK)
         else:
             from triton_ops import rollout as tr
 

@@ -33,6 +33,55 @@ from glm45_ops.speculative import probs_from_logits, verify_greedy, verify_sampl
 __all__ = ["generate", "main"]
 
 
+class _Graphed:
+    """``fn(*inputs)`` captured once in a CUDA graph and replayed: the inputs are copied into static
+    buffers, the outputs are static buffers (valid until the next call). Capturing is itself the
+    check that every op ``fn`` runs is free of host syncs."""
+
+    def __init__(self, fn, *examples: torch.Tensor):
+        self.inputs = [e.clone() for e in examples]
+        side = torch.cuda.Stream(examples[0].device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compiles kernels, cuBLAS workspaces, outside the graph
+            for _ in range(2):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, *args: torch.Tensor):
+        for buf, a in zip(self.inputs, args):
+            buf.copy_(a)
+        self.graph.replay()
+        return self.outputs
+
+
+class _Steps:
+    """The decode-time model calls of one generation, plain or replayed from CUDA graphs captured
+    before the prefill (their warm-up writes into the caches, which the prefill then overwrites:
+    nothing reads a position before the step that writes it)."""
+
+    def __init__(self, model, cache, b: int, s: int, graphs: bool):
+        self.model = model
+        self.decode = self._make(graphs, lambda ids, st: model.extend(ids, cache, st), (b, 1))
+        if s:
+            h = model.config.hidden_size
+            self.verify = self._make(graphs, lambda ids, st: model.extend(ids, cache, st), (b, s + 1))
+            self.mtp = self._make(graphs, lambda ids, hid, st: model.mtp_extend(ids, hid, cache, st), (b, s + 1), h)
+            self.draft = self._make(graphs, lambda ids, hid, st: model.mtp_extend(ids, hid, cache, st), (b, 1), h)
+
+    def _make(self, graphs: bool, fn, ids_shape, hidden: int | None = None):
+        if not graphs:
+            return fn
+        dev = self.model.device
+        examples = [torch.zeros(ids_shape, dtype=torch.long, device=dev)]
+        if hidden is not None:
+            examples.append(torch.zeros(*ids_shape, hidden, dtype=self.model.embed_tokens.weight.dtype, device=dev))
+        examples.append(torch.zeros(ids_shape[0], dtype=torch.int32, device=dev))
+        return _Graphed(fn, *examples)
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Tokens ``[...]`` from logits ``[..., V]`` (argmax at temperature 0), and the distributions
     they were drawn from (None when greedy)."""
@@ -43,7 +92,10 @@ def _sample(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1]), probs
 
 
-def _check(model, input_ids, max_new_tokens, temperature, top_k, top_p, speculative, num_draft_tokens) -> None:
+def _check(model, input_ids, max_new_tokens, temperature, top_k, top_p, speculative, num_draft_tokens,
+           cuda_graph) -> None:
+    if cuda_graph and model.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {model.device}")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if temperature != temperature or temperature < 0:
@@ -70,7 +122,8 @@ def _check(model, input_ids, max_new_tokens, temperature, top_k, top_p, speculat
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, speculative: str | None = None,
-             num_draft_tokens: int = 1, generator: torch.Generator | None = None, return_stats: bool = False):
+             num_draft_tokens: int = 1, generator: torch.Generator | None = None, return_stats: bool = False,
+             cuda_graph: bool = False):
     """New token ids ``[B, max_new_tokens]`` (int64) after the prompts ``input_ids`` ``[B, S]``.
 
     ``temperature`` 0 is greedy; otherwise tokens are sampled from ``probs_from_logits(logits,
@@ -79,10 +132,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     Every sequence generates exactly ``max_new_tokens`` (no stopping at EOS). ``return_stats``
     also returns a dict: ``drafted`` and ``accepted`` draft counts, ``acceptance_rate``,
     ``accepted_per_position`` (``[S]``: how often draft ``i`` was accepted), ``rounds`` and
-    ``tokens_per_round`` (emitted tokens per sequence per verification).
+    ``tokens_per_round`` (emitted tokens per sequence per verification). ``cuda_graph`` replays
+    every decode-time step (decode, verification, the MTP steps) from CUDA graphs captured once
+    per call; the tokens are the same as without.
     """
     input_ids = model._ids(input_ids)
-    _check(model, input_ids, max_new_tokens, temperature, top_k, top_p, speculative, num_draft_tokens)
+    _check(model, input_ids, max_new_tokens, temperature, top_k, top_p, speculative, num_draft_tokens, cuda_graph)
     b, p = input_ids.shape
     dev = input_ids.device
     s = num_draft_tokens if speculative else 0
@@ -93,13 +148,14 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     if max_new_tokens == 0:
         return (out[:, :0], stats) if return_stats else out[:, :0]
 
+    steps = _Steps(model, cache, b, s, cuda_graph)
     logits, hidden = model.extend(input_ids, cache, start)
     tok, _ = _sample(logits[:, -1], temperature, top_k, top_p, generator)
     start += p
     out[:, 0] = tok
     if not speculative:
         for i in range(1, max_new_tokens):
-            logits, _ = model.extend(tok[:, None], cache, start)
+            logits, _ = steps.decode(tok[:, None], start)
             start += 1
             tok, _ = _sample(logits[:, -1], temperature, top_k, top_p, generator)
             out[:, i] = tok
@@ -113,10 +169,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     n_out = torch.ones(b, dtype=torch.long, device=dev)
     cols = torch.arange(s + 1, device=dev)
     while int(n_out.min()) < max_new_tokens:
-        drafts, draft_probs = _draft(model, cache, start, last_logits, last_hidden, s, temperature, top_k, top_p,
+        drafts, draft_probs = _draft(steps.draft, start, last_logits, last_hidden, s, temperature, top_k, top_p,
                                      generator)
         verify_in = torch.cat((tok[:, None], drafts), 1)
-        logits, hidden = model.extend(verify_in, cache, start)
+        logits, hidden = steps.verify(verify_in, start)
         if temperature <= 0:
             emitted, accepted = verify_greedy(drafts, logits, backend=model.backend)
         else:
@@ -131,7 +187,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
         tok = emitted.gather(1, accepted[:, None])[:, 0]
         # The MTP layer catches up on positions start .. start + accepted with the main model's
         # hidden states (entries past `accepted` are rejected ones, overwritten later).
-        mtp_logits, mtp_hidden = model.mtp_extend(emitted.clamp(min=0), hidden, cache, start)
+        mtp_logits, mtp_hidden = steps.mtp(emitted.clamp(min=0), hidden, start)
         last_logits = mtp_logits.gather(1, accepted[:, None, None].expand(-1, 1, mtp_logits.shape[-1]))[:, 0]
         last_hidden = mtp_hidden.gather(1, accepted[:, None, None].expand(-1, 1, mtp_hidden.shape[-1]))[:, 0]
         start += (accepted + 1).to(torch.int32)
@@ -147,7 +203,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     return result, stats
 
 
-def _draft(model, cache, start, logits, hidden, s, temperature, top_k, top_p, generator):
+def _draft(step, start, logits, hidden, s, temperature, top_k, top_p, generator):
     """``s`` drafts ``[B, s]`` chained through the MTP layer, and their distributions ``[B, s, V]``
     (None when greedy). Draft ``j > 1`` (counting from 1) runs the MTP layer at position
     ``start + j - 2`` on draft ``j - 1`` and the previous step's output; those cache entries are
@@ -155,7 +211,7 @@ def _draft(model, cache, start, logits, hidden, s, temperature, top_k, top_p, ge
     drafts, probs = [], []
     for j in range(s):
         if j:
-            step_logits, step_hidden = model.mtp_extend(drafts[-1][:, None], hidden[:, None], cache, start + (j - 1))
+            step_logits, step_hidden = step(drafts[-1][:, None], hidden[:, None], start + (j - 1))
             logits, hidden = step_logits[:, 0], step_hidden[:, 0]
         d, q = _sample(logits, temperature, top_k, top_p, generator)
         drafts.append(d)
@@ -184,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                     help="default: bfloat16 on a GPU, float32 on the CPU")
     ap.add_argument("--fp8", action="store_true", help="quantize the weights to FP8 blocks after loading")
+    ap.add_argument("--cuda-graph", action="store_true", help="replay the decode-time steps from CUDA graphs")
     ap.add_argument("--backend", choices=["torch", "triton", "cuda"], default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -204,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, speculative=args.speculative,
-              num_draft_tokens=args.num_draft_tokens, generator=gen, return_stats=True)
+              num_draft_tokens=args.num_draft_tokens, generator=gen, return_stats=True, cuda_graph=args.cuda_graph)
     model.generate(ids, min(2, args.max_new_tokens), **kw)  # warm-up: compiles kernels, fills caches
     if device.type == "cuda":
         torch.cuda.synchronize(device)

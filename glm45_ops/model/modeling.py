@@ -387,13 +387,14 @@ class Glm45ForCausalLM(torch.nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, speculative: str | None = None,
-                 num_draft_tokens: int = 1, generator: torch.Generator | None = None, return_stats: bool = False):
+                 num_draft_tokens: int = 1, generator: torch.Generator | None = None, return_stats: bool = False,
+                 cuda_graph: bool = False):
         """Autoregressive generation; see :func:`glm45_ops.model.generate.generate`."""
         from glm45_ops.model.generate import generate
 
         return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         speculative=speculative, num_draft_tokens=num_draft_tokens, generator=generator,
-                        return_stats=return_stats)
+                        return_stats=return_stats, cuda_graph=cuda_graph)
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, labels: torch.Tensor, temperature: float | torch.Tensor = 1.0,

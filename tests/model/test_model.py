@@ -171,7 +171,7 @@ def test_speculative_bookkeeping_with_partly_right_drafts(monkeypatch, s):
     full = torch.cat((ids, truth), 1)
     rng = torch.Generator().manual_seed(5)
 
-    def oracle_draft(model, cache, start, logits, hidden, k, *args):
+    def oracle_draft(step, start, logits, hidden, k, *args):
         pos = start.long()[:, None] + 1 + torch.arange(k)  # positions of the tokens being drafted
         d = full.gather(1, pos.clamp(max=full.shape[1] - 1))
         wrong = torch.rand(d.shape, generator=rng) < 0.3
@@ -194,7 +194,8 @@ def test_mtp_drafts_chain_through_shared_head_norm():
     logits, hidden = m.extend(ids, cache, start)
     tok = logits[:, -1].argmax(-1)
     mlog, mh = m.mtp_extend(torch.cat((ids[:, 1:], tok[:, None]), 1), hidden, cache, start)
-    drafts, _ = gen_mod._draft(m, cache, start + 6, mlog[:, -1], mh[:, -1], 2, 0.0, None, None, None)
+    step = lambda ids, hid, st: m.mtp_extend(ids, hid, cache, st)  # noqa: E731
+    drafts, _ = gen_mod._draft(step, start + 6, mlog[:, -1], mh[:, -1], 2, 0.0, None, None, None)
     mtp = m.mtp
     # Independent: the MTP block on the whole sequence (positions 0..6) without a cache.
     seq_tok = torch.cat((ids[:, 1:], tok[:, None], drafts[:, :1]), 1)  # token at position i+1
@@ -228,6 +229,7 @@ def test_sampling_is_reproducible_and_in_vocab():
     ({"speculative": "mtp", "num_draft_tokens": 5}, "num_draft_tokens"),
     ({"top_p": 0.0}, "top_p"),
     ({"max_new_tokens": 5000}, "max_position_embeddings"),
+    ({"cuda_graph": True}, "cuda_graph=True needs the model on a CUDA device"),
 ])
 def test_generate_rejects_bad_arguments(kwargs, match):
     m = _model()

@@ -114,6 +114,8 @@ bench moe 60 --cases "moe_route,moe_align,fused_moe TP8,fused_moe EP8,+shared,gr
 # and prints tokens/s and the MTP acceptance; not a serving benchmark).
 step generate_tiny 30 $PY -P -m glm45_ops.model.generate --preset tiny --batch 8 --max-new-tokens 64 \
   --speculative mtp --num-draft-tokens 3
+step generate_tiny_graph 30 $PY -P -m glm45_ops.model.generate --preset tiny --batch 8 --max-new-tokens 64 \
+  --speculative mtp --num-draft-tokens 3 --cuda-graph
 step compile_report 45 $BENCH compile-report --json "$OUT/compile_report.json"
 
 echo "total: $(( $(date +%s) - START ))s" | tee -a "$OUT/summary.txt"

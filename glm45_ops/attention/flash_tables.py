@@ -3,10 +3,11 @@
 The input builders (:func:`packed`, :func:`paged`, :func:`states`) are shared with the tests.
 Samples are small (the Triton interpreter pays per program and per key tile) but cover what
 breaks GQA attention kernels: GLM-4.5's 12 query heads over 1 KV head (TP8) and groups of 6 and
-1, k/v as strided views into the fused QKV output, Tq < Tk, Tq > Tk (rows that see no key),
-decode / MTP verify / chunked prefill against shuffled pages with garbage (NaN, huge values) in
-every slot and table entry a sequence does not use, split-KV, e4m3 caches with per-head scales,
-empty states in the merge, and NaN/inf where the reference defines the result.
+1, k/v as strided views into the fused QKV output, k and v (caches, merge states) with strides
+unlike each other's, Tq < Tk, Tq > Tk (rows that see no key), decode / MTP verify / chunked
+prefill against shuffled pages with garbage (NaN, huge values) in every slot and table entry a
+sequence does not use, split-KV, e4m3 caches with per-head scales, empty states in the merge,
+and NaN/inf where the reference defines the result.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ def cu_seqlens(lens, device="cpu") -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lens, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
-def packed(lens_q, lens_k, hq, hk, head_dim, dtype, gen, device, *, qkv_buffer=False):
+def packed(lens_q, lens_k, hq, hk, head_dim, dtype, gen, device, *, qkv_buffer=False, v_head_major=False):
     """Random packed ``(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`` for the
     given per-sequence lengths; ``qkv_buffer``: k and v are strided views into one fused
-    ``[T, Hq + 2 Hk, D]`` QKV output (q too, when the lengths agree)."""
+    ``[T, Hq + 2 Hk, D]`` QKV output (q too, when the lengths agree); ``v_head_major``: v stored
+    as ``[Hk, Tk, D]``, so its token and head strides are not k's (a kernel that addresses v
+    with k's strides reads the wrong rows)."""
     tq, tk = sum(lens_q), sum(lens_k)
     rand = lambda *shape: torch.randn(shape, generator=gen, device=gen.device).to(dtype).to(device)  # noqa: E731
     if qkv_buffer:
@@ -33,6 +36,8 @@ def packed(lens_q, lens_k, hq, hk, head_dim, dtype, gen, device, *, qkv_buffer=F
         q, k, v = buf[:tq, :hq], buf[:tk, hq:hq + hk], buf[:tk, hq + hk:]
     else:
         q, k, v = rand(tq, hq, head_dim), rand(tk, hk, head_dim), rand(tk, hk, head_dim)
+    if v_head_major:
+        v = v.transpose(0, 1).contiguous().transpose(0, 1)
     return q, k, v, cu_seqlens(lens_q, device), cu_seqlens(lens_k, device), max(lens_q, default=0), max(lens_k, default=0)
 
 
@@ -54,6 +59,8 @@ def varlen_samples(device, gen):
         Sample((*p([17, 6], [17, 40], 12, 2, 64, fp16, qkv_buffer=True), 0.125, False),
                note="group 6, k/v views into a QKV buffer, not causal"),
         Sample((*p([33, 2], [33, 2], 2, 2, 64, fp32), 0.125), note="group 1 (MHA), fp32"),
+        Sample((*p([5, 9], [12, 9], 12, 2, 128, bf16, v_head_major=True), 0.09),
+               note="k and v with their own strides (v head-major)"),
         Sample((*tq_gt_tk, 0.1), note="Tq > Tk causal: leading rows see no key"),
         Sample((*p([0, 0], [0, 0], 12, 1, 128, bf16), 0.1), tag="empty", note="Tq = Tk = 0"),
         Sample((*p([3, 2], [0, 0], 12, 1, 64, bf16), 0.1, False), tag="empty", note="no keys: out 0, lse -inf"),
@@ -104,11 +111,13 @@ def varlen_errors(device):
 
 
 def paged(lens_q, lens_k, hq, hk, head_dim, page_size, dtype, gen, device, *, cache_dtype=None, spare_pages=3,
-          garbage=float("nan")):
+          garbage=float("nan"), v_head_major=False):
     """Random ``(q, cu_seqlens_q, k_cache, v_cache, block_table, seq_lens)`` (plus ``k_scale``,
-    ``v_scale`` for an e4m3 ``cache_dtype``) and the packed ``(k, v, cu_seqlens_k)`` they hold:
-    pages shuffled, ``spare_pages`` never used, table entries past each sequence's pages and
-    every unused slot filled with ``garbage`` (-1 in the table)."""
+    ``v_scale`` for an e4m3 ``cache_dtype``): pages shuffled, ``spare_pages`` never used, table
+    entries past each sequence's pages and every unused slot filled with ``garbage`` (-1 in the
+    table). ``v_head_major``: v_cache a ``[num_pages, page_size, Hk, D]`` view of a ``[num_pages,
+    Hk + 1, page_size, D]`` buffer (HND pages with a spare head), so its page, slot and head
+    strides all differ from k_cache's."""
     rand = lambda *shape: torch.randn(shape, generator=gen, device=gen.device)  # noqa: E731
     b = len(lens_q)
     pages_per = [-(-n // page_size) for n in lens_k]
@@ -134,10 +143,13 @@ def paged(lens_q, lens_k, hq, hk, head_dim, page_size, dtype, gen, device, *, ca
             used += 1
         start += n
     store = cache_dtype or dtype
-    k_cache, v_cache = k_cache.to(store), v_cache.to(store)
-    q = rand(sum(lens_q), hq, head_dim).to(dtype)
     d = lambda t: t.to(device)  # noqa: E731
-    args = (d(q), cu_seqlens(lens_q, device), d(k_cache), d(v_cache), d(table), d(torch.tensor(lens_k, dtype=torch.int32)))
+    k_cache, v_cache = d(k_cache.to(store)), d(v_cache.to(store))
+    if v_head_major:  # built on the device: moving a view there would make it contiguous
+        hnd = torch.full((num_pages, hk + 1, page_size, head_dim), garbage, device=device).to(store)
+        v_cache = hnd[:, :hk].permute(0, 2, 1, 3).copy_(v_cache)
+    q = rand(sum(lens_q), hq, head_dim).to(dtype)
+    args = (d(q), cu_seqlens(lens_q, device), k_cache, v_cache, d(table), d(torch.tensor(lens_k, dtype=torch.int32)))
     return args if scales is None else (*args, *map(d, scales))
 
 
@@ -157,6 +169,8 @@ def paged_samples(device, gen):
                note="chunked prefill, group 1, fp32, huge garbage"),
         Sample((*p([2, 1], [150, 200], 12, 1, 128, 16, bf16), 0.09, True, 2, 3), note="split-KV in 3"),
         Sample((*p([3], [9], 12, 1, 128, 64, bf16), 0.09, False), note="not causal, one partial page of 64"),
+        Sample((*p([1, 4], [20, 33], 12, 2, 64, 16, bf16, v_head_major=True), 0.125, True, 4),
+               note="v_cache HND pages: page, slot and head strides unlike k_cache's"),
         Sample((*fp8[:6], 0.09, True, 4, 2, *fp8[6:]), note="e4m3 caches, per-head scales, split in 2"),
         Sample((*p([0, 0], [0, 5], 12, 1, 128, 16, bf16), 0.1), tag="empty", note="no queries"),
         Sample((*p([2], [0], 12, 1, 64, 16, bf16), 0.1, False), tag="empty", note="no keys: out 0, lse -inf"),
@@ -237,11 +251,12 @@ def merge_samples(device, gen):
     nan[3][1, 2] = float("inf")
     nan[2][3, 1, 7] = float("nan")
     strided = s(5, 24, 128, torch.float16)
+    b_head_major = strided[2].transpose(0, 1).contiguous().transpose(0, 1)
     return [
         Sample(s(7, 12, 128, torch.bfloat16, empty_rows=2), note="GLM-4.5 TP8 heads, state a empty on 2 tokens"),
         Sample(both_empty, note="both states empty on token 1"),
-        Sample((strided[0][:, ::2], strided[1][::2], strided[2][:, 1::2], strided[3][1::2]),
-               note="fp16, every other head: strided views"),
+        Sample((strided[0][:, ::2], strided[1][::2], b_head_major[:, 1::2], strided[3][1::2]),
+               note="fp16, every other head: strided views, out_b head-major (strides unlike out_a's)"),
         Sample(s(3, 3, 64, fp32)),
         Sample(s(0, 12, 128, torch.bfloat16), tag="empty"),
         Sample((*s(4, 2, 128, fp32)[:2], *nan[2:]), tag="nonfinite", note="NaN in out_b"),

@@ -4,10 +4,10 @@ On CPU: paged results equal the packed (varlen) results bit for bit on the same 
 shuffled pages, spare pages and every unused slot or table entry holding garbage (NaN, huge
 values, -1 page ids); decode (1 query), MTP verify (4) and chunked prefill against the float64
 oracle for groups 1, 6, 12, head dims 64 / 128, page sizes 1, 16, 64, lengths 0, 1, 17, 129 (1000:
-slow); e4m3 caches with per-head scales against the oracle on the dequantized values; split-KV
-(the Triton kernel's chunks and merge) against no split, for paged and packed KV; the
-host-side checks of the table and the lengths; sabotage: a top-left causal alignment and a
-block table read as if unshuffled must fail the comparison.
+slow); e4m3 caches with per-head scales against the oracle on the dequantized values; k and v
+caches in different layouts (NHD / HND); split-KV (the Triton kernel's chunks and merge) against
+no split, for paged and packed KV; the host-side checks of the table and the lengths; sabotage:
+a top-left causal alignment and a block table read as if unshuffled must fail the comparison.
 """
 
 from __future__ import annotations
@@ -106,6 +106,16 @@ def test_fp8_caches(gen, backend, splits):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_long_context_decode_and_verify(gen, backend):
     _check(_args([1, 4], [1000, 1000], 12, 128, 16, gen, max_q=4, splits=4), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_and_v_caches_with_their_own_layouts(gen, backend):
+    """v_cache in HND pages (with a spare head) while k_cache is NHD: page, slot and head strides
+    all differ, so a kernel that addresses v with k's strides must fail (elsewhere the two
+    caches are laid out alike)."""
+    args = _args([1, 4, 2], [20, 33, 40], 6, 128, 16, gen, max_q=4, v_head_major=True)
+    assert all(a != b for a, b in zip(args[2].stride()[:3], args[3].stride()[:3]))
+    _check(args, backend)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,9 +4,10 @@ On CPU: the fp32 reference against torch SDPA (the definition is SDPA's math, ls
 the torch and Triton (interpreter) backends against a float64 oracle under the op's own
 tolerance, outputs poisoned, over causal / not, Tq == Tk and Tq < Tk (and Tq > Tk), lengths 0, 1,
 17, 129 (1000: slow), GQA groups 1, 6, 12 (and groups above 128, packed in pieces), head dims
-64 / 128, bf16 / fp16 / fp32, k/v as strided views into a QKV buffer; sabotage: a top-left causal
-alignment and a wrong GQA head mapping must fail the comparison; the merge of two partial states
-against the joint softmax (a cached prefix plus a causal chunk), empty states.
+64 / 128, bf16 / fp16 / fp32, k/v as strided views into a QKV buffer, k and v with strides unlike
+each other's (GLM-4.5's rotated k and QKV-view v); sabotage: a top-left causal alignment and a
+wrong GQA head mapping must fail the comparison; the merge of two partial states against the
+joint softmax (a cached prefix plus a causal chunk), empty states.
 """
 
 from __future__ import annotations
@@ -115,6 +116,19 @@ def test_dtypes_on_a_qkv_buffer(gen, backend, dtype, causal):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v_head_major", [False, True], ids=["v_qkv_view", "v_head_major"])
+def test_k_and_v_with_their_own_strides(gen, backend, v_head_major):
+    """GLM-4.5's prefill: q and k come new and contiguous out of qk_norm_rope while v is still a
+    view into the fused QKV output (or head-major, so its head stride differs too): a kernel
+    that addresses v with k's strides must fail (elsewhere k and v are laid out alike)."""
+    q, k, v, *rest = packed([7, 12], [7, 20], 24, 2, 128, torch.bfloat16, gen, "cpu", qkv_buffer=True,
+                            v_head_major=v_head_major)
+    q, k = q.contiguous(), k.contiguous()
+    assert k.stride(0) != v.stride(0) and (k.stride(1) != v.stride(1)) == v_head_major
+    _check((q, k, v, *rest, 0.088, True), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_two_kv_heads_of_twelve_and_large_groups(gen, backend):
     """GLM-4.5 at TP4 (24 query heads over 2 KV heads: two packed groups of 12) and a group of
     160 (one KV head), which the kernel packs as two tiles of 80 heads."""
@@ -183,13 +197,15 @@ def test_merge_of_prefix_and_causal_chunk_is_joint_attention(gen, backend, dtype
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_merge_matches_the_oracle_with_empty_states(gen, backend):
     """Empty states (lse -inf) are ignored whatever their out holds (NaN here); both empty give
-    out 0, lse -inf; lse given as a transposed view ([T, H] storage, FlashInfer's layout)."""
+    out 0, lse -inf; lse_b given as a transposed view ([T, H] storage, FlashInfer's layout) and
+    out_b head-major, so neither state can be read with the other's strides."""
     oa, la, ob, lb = states(6, 12, 128, torch.bfloat16, gen, "cpu", empty_rows=2)
     lb[3, 1] = float("-inf")
     la[3, 1] = float("-inf")
     ob[1, 3] = float("nan")
     lb_view = lb.t().contiguous().t()
-    args = (oa, la, ob, lb_view)
+    ob_head_major = ob.transpose(0, 1).contiguous().transpose(0, 1)
+    args = (oa, la, ob_head_major, lb_view)
     with poisoned_outputs():
         out, lse = merge_attn_states(*args, backend=backend)
     assert out[1, 3].eq(0).all() and lse[3, 1] == float("-inf")

@@ -249,6 +249,7 @@ void check_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
   check_float("k", k);
   TORCH_CHECK_VALUE(k.dim() == 3, "k must be 3-D [T, Hk, D], got shape ", py_tuple(k.sizes()));
   const int64_t t = k.size(0), hk = k.size(1), d = k.size(2);
+  TORCH_CHECK_VALUE(d == 64 || d == 128, "k: the head dim D=", d, " must be 64 or 128");
   TORCH_CHECK_VALUE(v.scalar_type() == k.scalar_type(), "v must have k's dtype ", py_dtype(k.scalar_type()), ", got ",
                     py_dtype(v.scalar_type()));
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have k's shape ", py_tuple(k.sizes()), ", got ",

@@ -134,6 +134,8 @@ def _check_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
     if k.dim() != 3:
         raise ValueError(f"k must be 3-D [T, Hk, D], got shape {tuple(k.shape)}")
     t, hk, d = k.shape
+    if d not in HEAD_DIMS:  # the kernels' head tiles: another D would read and write past each head
+        raise ValueError(f"k: the head dim D={d} must be 64 or 128")
     if v.dtype != k.dtype:
         raise ValueError(f"v must have k's dtype {k.dtype}, got {v.dtype}")
     if v.shape != k.shape:
@@ -375,9 +377,9 @@ _kv_op = Op(
 )
 
 kv_cache_write = _kv_op.api(
-    """Write ``k`` and ``v`` ``[T, Hk, D]`` (any float dtype and strides, unit last stride) into
-    the paged caches ``k_cache`` / ``v_cache`` ``[num_pages, page_size, Hk, D]`` at
-    ``slot_mapping`` int32/int64 ``[T]`` (``slot = page * page_size + offset``), in place and
+    """Write ``k`` and ``v`` ``[T, Hk, D]`` (any float dtype, D 64 or 128, any strides with a unit
+    last one) into the paged caches ``k_cache`` / ``v_cache`` ``[num_pages, page_size, Hk, D]``
+    at ``slot_mapping`` int32/int64 ``[T]`` (``slot = page * page_size + offset``), in place and
     without a host sync (CUDA-graph safe). A negative slot skips its token. The caches have k's
     dtype (a copy), or are ``float8_e4m3fn`` with fp32 per-head scales ``k_scale`` / ``v_scale``
     ``[Hk]`` (any stride: ``s.expand(Hk)`` for one scale): ``e4m3(clamp(x / scale, -448, 448))``.

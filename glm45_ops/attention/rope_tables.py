@@ -250,6 +250,8 @@ def kv_cache_write_errors(device) -> list[ErrorInput]:
     return [
         e("k must be bfloat16, float16 or float32, got torch.int64", k=k.long()),
         e(r"k must be 3-D \[T, Hk, D\], got shape \(4, 256\)", k=k.flatten(1)),
+        e("k: the head dim D=96 must be 64 or 128", k=k[..., :96], v=k[..., :96], k_cache=kc[..., :96],
+          v_cache=kc[..., :96]),
         e("v must have k's dtype torch.bfloat16, got torch.float32", v=k.float()),
         e(r"v must have k's shape \(4, 2, 128\), got \(4, 1, 128\)", v=k[:, :1]),
         e("v must be contiguous in its last dim", v=torch.randn(4, 128, 2, device=device).to(bf16).transpose(1, 2)),

@@ -391,15 +391,17 @@ def linear_logprobs_backward(
     grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor, grad_lse: torch.Tensor,
     hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor, entropy: torch.Tensor,
     lse: torch.Tensor, temperature: float, temperatures: torch.Tensor | None,
+    need_grad_hidden: bool, need_grad_weight: bool,
     grad_hidden: torch.Tensor, grad_weight: torch.Tensor, chunk_v: int = BWD_CHUNK_V,
 ) -> None:
-    """Fill ``grad_hidden`` ``[T, H]`` and ``grad_weight`` ``[V, H]`` (contiguous): per chunk of
-    ``chunk_v`` columns, the grad-logits ``g`` ``[T, chunk]`` in the operands' dtype (recomputed
-    by ``_linear_grad_kernel``), then ``grad_weight[chunk] = g^T @ hidden`` and
-    ``grad_hidden += g @ weight[chunk]`` (accumulated in fp32)."""
+    """Fill ``grad_hidden`` ``[T, H]`` and ``grad_weight`` ``[V, H]`` (contiguous; ``[0, H]`` and
+    left alone when not needed): per chunk of ``chunk_v`` columns, the grad-logits ``g``
+    ``[T, chunk]`` in the operands' dtype (recomputed by ``_linear_grad_kernel``), then
+    ``grad_weight[chunk] = g^T @ hidden`` and ``grad_hidden += g @ weight[chunk]`` (accumulated
+    in fp32), each GEMM only for a gradient that is needed."""
     n, h = hidden.shape
     v = weight.shape[0]
-    if n == 0:
+    if n == 0 or not (need_grad_hidden or need_grad_weight):
         grad_weight.zero_()
         return
     # the [T] vectors may have any strides (autograd passes sum()'s gradient expanded): the kernel
@@ -409,7 +411,7 @@ def linear_logprobs_backward(
     cfg = linear_config(n, min(v, chunk_v), h, hidden.dtype)
     chunk_v = triton.cdiv(chunk_v, cfg.block_n) * cfg.block_n
     has_t = temperatures is not None
-    acc = torch.zeros((n, h), dtype=torch.float32, device=hidden.device)
+    acc = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_grad_hidden else None
     g = torch.empty((n, min(v, chunk_v)), dtype=hidden.dtype, device=hidden.device)
     for v0 in range(0, v, chunk_v):
         cols = min(chunk_v, v - v0)
@@ -424,9 +426,12 @@ def linear_logprobs_backward(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         gc = g[:, :cols]
-        acc += _mm_fp32(gc, weight[v0:v0 + cols])
-        torch.mm(gc.t(), hidden, out=grad_weight[v0:v0 + cols])
-    grad_hidden.copy_(acc)
+        if acc is not None:
+            acc += _mm_fp32(gc, weight[v0:v0 + cols])
+        if need_grad_weight:
+            torch.mm(gc.t(), hidden, out=grad_weight[v0:v0 + cols])
+    if acc is not None:
+        grad_hidden.copy_(acc)
 
 
 # ---------------------------------------------------------------------------------------------

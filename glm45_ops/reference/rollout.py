@@ -194,15 +194,21 @@ def linear_logprobs_backward_ref(
     lse: torch.Tensor,
     temperature: float,
     temperatures: torch.Tensor | None,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
     chunk_t: int = CHUNK_T,
     chunk_v: int = CHUNK_V,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_hidden in hidden's dtype ``[T, H]``, grad_weight in weight's dtype ``[V, H]``): the
     module docstring's formula, ``x`` recomputed in the forward's ``[chunk_t, chunk_v]`` fp32
     tiles; both gradients accumulate over the tiles in fp32 (grad_weight one chunk of rows at a
-    time)."""
-    n, v = hidden.shape[0], weight.shape[0]
+    time). A gradient not asked for (``need_grad_*`` False) is not computed: ``[0, H]``."""
+    n, v, h = hidden.shape[0], weight.shape[0], hidden.shape[1]
     dev = hidden.device
+    grad_h = torch.zeros(n if need_grad_hidden else 0, h, device=dev)
+    grad_w = torch.empty(v if need_grad_weight else 0, h, dtype=weight.dtype, device=dev)
+    if not (need_grad_hidden or need_grad_weight):
+        return grad_h.to(hidden.dtype), grad_w
     t = row_temperatures(n, temperature, temperatures, dev)[:, 0]
     live = ~(t <= 0)  # greedy rows have no gradient (NaN temperatures propagate)
     c_all = torch.where(live, t, 1.0)[:, None]
@@ -212,13 +218,11 @@ def linear_logprobs_backward_ref(
     g_lse_all = torch.where(live, grad_lse.float(), 0.0)[:, None]
     ent_all, lse_all = entropy.float()[:, None], lse.float()[:, None]
     h32 = hidden.float()
-    grad_h = torch.zeros(n, hidden.shape[1], device=dev)
-    grad_w = torch.empty_like(weight)
     for v0 in range(0, v, chunk_v):
         v1 = min(v, v0 + chunk_v)
         w32 = weight[v0:v1].float()
         cols = torch.arange(v0, v1, device=dev)
-        gw = torch.zeros_like(w32)
+        gw = torch.zeros_like(w32) if need_grad_weight else None
         for r0 in range(0, n, chunk_t):
             r = slice(r0, min(n, r0 + chunk_t))
             c, a, b = c_all[r], a_all[r], b_all[r]
@@ -227,7 +231,10 @@ def linear_logprobs_backward_ref(
             g = (g_lse_all[r] - a) * p - b * torch.where(p == 0, 0.0, p * (log_p + ent_all[r]))
             g = torch.where(cols[None, :] == safe[r], g + a, g) / c
             g = torch.where(live[r, None], g, 0.0)
-            grad_h[r] += g @ w32
-            gw += g.t() @ h32[r]
-        grad_w[v0:v1] = gw.to(weight.dtype)
+            if need_grad_hidden:
+                grad_h[r] += g @ w32
+            if gw is not None:
+                gw += g.t() @ h32[r]
+        if gw is not None:
+            grad_w[v0:v1] = gw.to(weight.dtype)
     return grad_h.to(hidden.dtype), grad_w

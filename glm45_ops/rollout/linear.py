@@ -9,11 +9,13 @@
   recompute the probabilities; it is differentiable too (a z-loss can use it). The Python
   function returns ``(logprobs, entropy)``.
 * ``linear_logprobs_backward(grad_logprobs, grad_entropy, grad_lse, hidden, weight, token_ids,
-  entropy, lse, temperature=1.0, temperatures=None) -> (grad_hidden, grad_weight)``: the
-  registered derivative of ``linear_logprobs`` (the registry's autograd hook calls it, on the
-  default backend); it recomputes ``x`` chunk by chunk over V, builds the grad-logits of the
-  chunk, and runs the two GEMMs (``grad_weight[chunk] = g^T @ hidden``,
-  ``grad_hidden += g @ weight[chunk]``).
+  entropy, lse, temperature=1.0, temperatures=None, need_grad_hidden=True,
+  need_grad_weight=True) -> (grad_hidden, grad_weight)``: the registered derivative of
+  ``linear_logprobs`` (the registry's autograd hook calls it, on the default backend); it
+  recomputes ``x`` chunk by chunk over V, builds the grad-logits of the chunk, and runs the two
+  GEMMs (``grad_weight[chunk] = g^T @ hidden``, ``grad_hidden += g @ weight[chunk]``). Autograd
+  asks only for the gradients of operands that require one: a frozen LM head (LoRA) costs
+  neither the ``[V, H]`` gradient's memory nor its GEMM.
 
 Formulas (forward, gradients, NaN/inf, greedy rows): :mod:`glm45_ops.reference.rollout`.
 Backends: torch (the reference) and Triton (``triton_ops/rollout.py``: ``tl.dot`` tiles with
@@ -28,8 +30,8 @@ import torch
 
 from glm45_ops._registry import ErrorInput, Op, Sample
 from glm45_ops.reference import rollout as ref
-from glm45_ops.rollout.logprobs import (check_float, check_ids_and_temperature, check_ids_in_vocab, check_rows,
-                                        check_unit_last_stride, check_vocab, compare_rows, row_scale,
+from glm45_ops.rollout.logprobs import (MAX_VOCAB, check_float, check_ids_and_temperature, check_ids_in_vocab,
+                                        check_rows, check_unit_last_stride, check_vocab, compare_rows, row_scale,
                                         temperature_args)
 from glm45_ops.testing import calc_diff
 
@@ -135,7 +137,7 @@ def _errors(device):
         ErrorInput((h, w.bfloat16(), ids), match="hidden and weight must have the same dtype"),
         ErrorInput((h, w[:, :16], ids), match=r"hidden \[T, H=32\] and weight \[V, H=16\] must share H"),
         ErrorInput((h, w.to("meta"), ids), match=f"weight is on meta but hidden is on {device}"),
-        ErrorInput((h, w[:0], ids), match=r"weight: the vocabulary V=0 must be in \[1, 2147483647\]"),
+        ErrorInput((h, w[:0], ids), match=rf"weight: the vocabulary V=0 must be in \[1, {MAX_VOCAB}\]"),
         ErrorInput((torch.randn(32, 4, device=device).t(), w, ids), match="hidden must be contiguous in its last dim"),
         ErrorInput((h, torch.randn(32, 64, device=device).t(), ids), match="weight must be contiguous in its last dim"),
         ErrorInput((h, w, ids[:2]), match=r"token_ids must have shape \[4\] \(\[T\] from hidden\), got \[2\]"),
@@ -154,7 +156,7 @@ _GRAD_NAMES = ("grad_logprobs", "grad_entropy", "grad_lse", "entropy", "lse")
 
 
 def _check_bwd(grad_logprobs, grad_entropy, grad_lse, hidden, weight, token_ids, entropy, lse, temperature,
-               temperatures):
+               temperatures, need_grad_hidden, need_grad_weight):
     _check(hidden, weight, token_ids, temperature, temperatures)
     for name, x in zip(_GRAD_NAMES, (grad_logprobs, grad_entropy, grad_lse, entropy, lse)):
         if x.dtype != torch.float32:
@@ -162,9 +164,11 @@ def _check_bwd(grad_logprobs, grad_entropy, grad_lse, hidden, weight, token_ids,
         check_rows(name, x, hidden.shape[0], "hidden", hidden)
 
 
-def _alloc_bwd(grad_logprobs, grad_entropy, grad_lse, hidden, weight, *rest):
-    return (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device),
-            torch.empty(weight.shape, dtype=weight.dtype, device=weight.device))
+def _alloc_bwd(grad_logprobs, grad_entropy, grad_lse, hidden, weight, token_ids, entropy, lse, temperature,
+               temperatures, need_grad_hidden, need_grad_weight):
+    h = hidden.shape[1]
+    return (torch.empty((hidden.shape[0] if need_grad_hidden else 0, h), dtype=hidden.dtype, device=hidden.device),
+            torch.empty((weight.shape[0] if need_grad_weight else 0, h), dtype=weight.dtype, device=weight.device))
 
 
 def _launch_bwd(outs, *args):
@@ -193,10 +197,10 @@ def _compare_bwd(got, want, args) -> str | None:
     return compare_grads(got, want, args[3].dtype)
 
 
-def _bwd_sample(h, w, ids, gen, temperature=1.0, temperatures=None):
+def _bwd_sample(h, w, ids, gen, temperature=1.0, temperatures=None, need=(True, True)):
     _, ent, lse = ref.linear_logprobs_ref(h, w, ids, temperature, temperatures)
     grads = tuple(torch.randn(h.shape[0], generator=gen) for _ in range(3))
-    return (*grads, h, w, ids, ent, lse, temperature, temperatures)
+    return (*grads, h, w, ids, ent, lse, temperature, temperatures, *need)
 
 
 def _bwd_samples(device, gen):
@@ -212,6 +216,10 @@ def _bwd_samples(device, gen):
         Sample(to(_bwd_sample(h16, w16, ids16, gen, 1.0, torch.tensor([0.7, 1.0, 0.0, 1.3, -1.0, float("inf")]))),
                note="per-row temperatures with greedy rows"),
         Sample(to(_bwd_sample(h_s[:, :40], w_s[:, 8:48], ids_s, gen)), note="row-strided operands"),
+        Sample(to(_bwd_sample(*_operands(4, 300, 32, torch.bfloat16, gen), gen, need=(True, False))),
+               note="frozen weight: grad_weight [0, H]"),
+        Sample(to(_bwd_sample(*_operands(4, 300, 32, torch.bfloat16, gen), gen, 0.8, need=(False, True))),
+               note="frozen hidden: grad_hidden [0, H]"),
         Sample(to(_bwd_sample(torch.empty(0, 32), torch.randn(50, 32, generator=gen), torch.empty(0, dtype=torch.int64),
                               gen)), tag="empty", note="T=0: grad_weight is zero"),
         Sample(to(_bwd_sample(h_nf, w_nf, ids_nf, gen, 1.0, t_nf)), tag="nonfinite"),
@@ -236,7 +244,8 @@ def _bwd_errors(device):
 _bwd_op = Op(
     "linear_logprobs_backward",
     "(Tensor grad_logprobs, Tensor grad_entropy, Tensor grad_lse, Tensor hidden, Tensor weight, Tensor token_ids, "
-    "Tensor entropy, Tensor lse, float temperature=1.0, Tensor? temperatures=None) -> (Tensor, Tensor)",
+    "Tensor entropy, Tensor lse, float temperature=1.0, Tensor? temperatures=None, bool need_grad_hidden=True, "
+    "bool need_grad_weight=True) -> (Tensor, Tensor)",
     check=_check_bwd,
     alloc=_alloc_bwd,
     torch_impl=ref.linear_logprobs_backward_ref,
@@ -251,7 +260,8 @@ linear_logprobs_backward = _bwd_op.api(
 
     ``grad_logprobs``, ``grad_entropy``, ``grad_lse`` fp32 ``[T]`` (upstream gradients of the three
     outputs), the forward's inputs, and its ``entropy`` and ``lse`` outputs -> (``grad_hidden``
-    ``[T, H]``, ``grad_weight`` ``[V, H]``) in the operands' dtype, contiguous. The logits are
+    ``[T, H]``, ``grad_weight`` ``[V, H]``) in the operands' dtype, contiguous; a gradient whose
+    ``need_grad_*`` is False is not computed and comes back empty, ``[0, H]``. The logits are
     recomputed chunk by chunk (never ``[T, V]``); greedy rows (``t <= 0``) contribute nothing.
     """
 )
@@ -270,9 +280,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_logprobs, grad_entropy, grad_lse):
     hidden, weight, token_ids, temperatures, entropy, lse = ctx.saved_tensors
-    grad_hidden, grad_weight = _bwd_op(grad_logprobs, grad_entropy, grad_lse, hidden, weight, token_ids, entropy, lse,
-                                       ctx.temperature, temperatures)
     need_h, need_w = ctx.needs_input_grad[:2]
+    grad_hidden, grad_weight = _bwd_op(grad_logprobs, grad_entropy, grad_lse, hidden, weight, token_ids, entropy, lse,
+                                       ctx.temperature, temperatures, need_h, need_w)
+    # temperatures get no gradient (a constant of the rollout)
     return grad_hidden if need_h else None, grad_weight if need_w else None, None, None, None
 
 
@@ -306,7 +317,8 @@ def linear_logprobs(
 
     ``hidden`` ``[T, H]`` and ``weight`` ``[V, H]`` (the LM head), bf16/fp16/fp32 alike, unit
     last strides -> (``logprobs``, ``entropy``) fp32 ``[T]``, differentiable w.r.t. ``hidden`` and
-    ``weight`` (a policy-gradient loss ``sum(coef * logprobs)``, an entropy bonus). The logits
+    ``weight`` (a policy-gradient loss ``sum(coef * logprobs)``, an entropy bonus; a per-row
+    ``temperature`` tensor gets no gradient, even if it requires one). The logits
     are ``hidden @ weight^T`` accumulated in fp32; ``temperature`` (a number or an fp32 ``[T]``
     tensor) and every edge value are as in :func:`token_logprobs`. The raw op
     ``torch.ops.glm45.linear_logprobs`` also returns ``lse = logsumexp(logits / t)`` (fp32 ``[T]``,

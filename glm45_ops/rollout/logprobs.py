@@ -24,7 +24,9 @@ __all__ = ["token_logprobs", "MAX_VOCAB"]
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ID_DTYPES = (torch.int32, torch.int64)
-MAX_VOCAB = 2**31 - 1  # ids and columns are int32 in the kernels
+# ids and columns are int32 in the kernels, and so are the ends of their blocks (a chunk, a tile
+# count) up to 16384 past V: half the int32 range keeps every one of them from wrapping
+MAX_VOCAB = 2**30
 # Backends agree within TOL_ULPS fp32 ulps of a row's scale (see compare_rows); greedy rows exactly.
 # The kernels round d = (x - m) * fp32(1/t) (CUDA: * log2(e), then back by ln 2) two or three
 # times where the reference rounds (x - m) / t once: 3 ulps of |d| <= 2 max|x| / t each way.
@@ -218,7 +220,7 @@ def _errors(device):
     return [
         ErrorInput((x.double(), ids), match="logits must be bfloat16, float16 or float32, got torch.float64"),
         ErrorInput((x[0], ids), match=r"logits must be 2-D \[T, V\], got shape \(64,\)"),
-        ErrorInput((x[:, :0], ids), match=r"logits: the vocabulary V=0 must be in \[1, 2147483647\]"),
+        ErrorInput((x[:, :0], ids), match=rf"logits: the vocabulary V=0 must be in \[1, {MAX_VOCAB}\]"),
         ErrorInput((torch.randn(64, 4, device=device).t(), ids), match="logits must be contiguous in its last dim"),
         ErrorInput((x, ids.float()), match="token_ids must be int32 or int64, got torch.float32"),
         ErrorInput((x, ids[:3]), match=r"token_ids must have shape \[4\] \(\[T\] from logits\), got \[3\]"),

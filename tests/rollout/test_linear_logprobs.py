@@ -125,17 +125,25 @@ def test_gradients_against_float64_autograd(backend, dtype, per_row, gen, monkey
 
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("trained", ["hidden", "weight"])
-def test_one_operand_requires_grad(backend, trained, gen):
-    """A frozen LM head (only hidden requires grad) or a frozen trunk (only weight): the one
-    gradient against float64 autograd, the other operand untouched (no .grad)."""
+def test_one_operand_requires_grad(backend, trained, gen, monkeypatch):
+    """A frozen LM head (only hidden requires grad, as with LoRA) or a frozen trunk (only
+    weight): the backward op is asked for that gradient alone (the other is never computed:
+    [0, H]), which matches float64 autograd; the other operand gets no .grad."""
+    from glm45_ops.rollout import linear
+
     hidden, weight, ids = operands(6, 500, 24, torch.float32, gen)
     t = torch.rand(6, generator=gen) + 0.4
     coef = torch.randn(6, generator=gen)
     h, w = hidden.clone(), weight.clone()
     leaf = (h if trained == "hidden" else w).requires_grad_()
+    results = []
+    real = linear._bwd_op
+    monkeypatch.setattr(linear, "_bwd_op", lambda *a, **k: results.append(real(*a, **k)) or results[-1])
     with glm45_ops.use_backend(backend):
         lp, ent = linear_logprobs(h, w, ids, t, backend=backend)
         (coef * lp + 0.1 * ent).sum().backward()
+    (grad_h, grad_w), = results
+    assert (grad_w if trained == "hidden" else grad_h).shape == (0, 24)
     hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
     lp64, ent64, _ = oracle(hd, wd, ids, t)
     (coef.double() * lp64 + 0.1 * ent64).sum().backward()
@@ -289,7 +297,7 @@ def test_backward_never_allocates_full_logits(path, mem_inputs, gen):
     outputs (grad_weight is [V, H], the weight's own size, the largest)."""
     hidden, weight, ids, ent, lse = mem_inputs
     grads = tuple(torch.randn(MEM_T, generator=gen) for _ in range(3))
-    args = (*grads, hidden, weight, ids, ent, lse, 1.0, None)
+    args = (*grads, hidden, weight, ids, ent, lse, 1.0, None, True, True)
     with torch.no_grad(), LiveBytes() as mem:
         if path == "torch":
             ref.linear_logprobs_backward_ref(*args, chunk_t=CHUNK_T, chunk_v=CHUNK)

@@ -29,7 +29,9 @@ strides. It is the fake, and the buffer the launchers (``triton_launch``) fill; 
 reference's results are copied into it when their strides differ, so every backend returns the
 same layout. Mutation is declared in the schema (``Tensor(a!) cache``) and named again in
 ``mutates_args`` (checked to agree). ``autograd=(backward, setup_context)`` registers a
-derivative for every overload (``torch.library.register_autograd``).
+derivative for every overload (``torch.library.register_autograd``); an op without one raises
+on backward on every backend (rather than the torch backend differentiating its reference and
+the others silently giving no gradient).
 
 Contract data: ``samples(device, gen)`` returns :class:`Sample` inputs (tagged ``"empty"`` and
 ``"nonfinite"`` where they test those), ``errors(device)`` :class:`ErrorInput` bad inputs, and
@@ -205,6 +207,10 @@ def _parse(name: str, schema: str) -> tuple[list[_Arg], int]:
     return args, len(parsed.returns)
 
 
+def _no_setup(ctx, inputs, output) -> None:
+    """setup_context of an op without a derivative: nothing to save."""
+
+
 class Op:
     """One ``torch.ops.glm45.<name>`` op with its per-backend implementations (module docstring).
 
@@ -281,7 +287,16 @@ class Op:
                 backward, setup_context = autograd
                 torch.library.register_autograd(f"{self.qualname}{ov}", backward,
                                                 setup_context=setup_context, lib=_LIB)
+            elif not mutates_args:
+                # Without this, the torch backend would differentiate through its reference and
+                # the others would silently give no gradient: every backend raises instead.
+                torch.library.register_autograd(f"{self.qualname}{ov}", self._no_derivative,
+                                                setup_context=_no_setup, lib=_LIB)
         _OPS[name] = self
+
+    def _no_derivative(self, ctx, *grads):
+        raise RuntimeError(f"{self.qualname} has no derivative: backward through it is not defined "
+                           "(detach its inputs, or use an op that declares one)")
 
     # -- the signature ------------------------------------------------------------------------
 

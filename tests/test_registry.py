@@ -200,3 +200,18 @@ def test_broken_interpreter_is_refused_with_its_reason(monkeypatch):
     monkeypatch.setattr(triton, "__version__", "3.8.0")
     monkeypatch.setattr(numpy, "__version__", "2.4.0")
     assert triton_ops.triton_usable(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_op_without_derivative_raises_on_backward_on_every_backend(gen, backend):
+    """The same answer from every backend: before, the torch backend differentiated through its
+    reference while Triton silently left x.grad None."""
+    from glm45_ops.rollout import token_logprobs
+
+    if backend not in glm45_ops.registered_ops()["token_logprobs"].backends(torch.device("cpu")):
+        pytest.skip(f"{backend} unavailable here")
+    logits = torch.randn(3, 50, generator=gen, requires_grad=True)
+    logprobs, _ = token_logprobs(logits, torch.tensor([1, 2, 3]), backend=backend)
+    with pytest.raises(RuntimeError, match="glm45::token_logprobs has no derivative"):
+        logprobs.sum().backward()
+    assert logits.grad is None

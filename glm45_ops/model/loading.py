@@ -315,7 +315,8 @@ def from_pretrained(cls, path, *, dtype: torch.dtype = torch.bfloat16, device=No
                     fuse_shared: bool = True, progress: bool = True) -> Glm45ForCausalLM:
     """Build ``cls`` from ``path/config.json`` and load its safetensors (single file or sharded).
     A checkpoint with ``*.weight_scale_inv`` tensors loads as FP8 (e4m3 weights as stored, never
-    dequantized; ``dtype`` must then be bfloat16). A checkpoint with no tensor under
+    dequantized, into weights allocated as e4m3: no BF16 copy of them exists at any point, so
+    GLM-4.5-Air-FP8 fits one H200; ``dtype`` must then be bfloat16). A checkpoint with no tensor under
     ``model.layers.{num_hidden_layers}`` (transformers' ``save_pretrained`` drops the MTP block)
     gives a model without the MTP layer. Any other missing tensor raises ValueError naming it; so
     does a misshapen or unknown one."""
@@ -326,9 +327,8 @@ def from_pretrained(cls, path, *, dtype: torch.dtype = torch.bfloat16, device=No
         # transformers' save_pretrained drops the MTP block: a model without it, rather than an error.
         cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
     fp8 = any(n.endswith(".weight_scale_inv") for n in names)
-    model = cls(cfg, dtype=dtype, device=device, backend=backend, fuse_shared=fuse_shared)
-    if fp8:
-        model.quantize_fp8_()
+    # Weights allocated as they will be loaded (e4m3 blocks for an FP8 checkpoint), uninitialised.
+    model = cls(cfg, dtype=dtype, device=device, backend=backend, fuse_shared=fuse_shared, fp8=fp8, init=False)
     want = expected_names(model)
     have = {n for name in names if not _SKIP.search(name)
             for n in ([name] if not _STACKED.match(name) else _stacked_names(name, model))}

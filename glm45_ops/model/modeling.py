@@ -29,18 +29,32 @@ from glm45_ops.gemm import fp8_linear
 from glm45_ops.model.config import Glm45Config
 from glm45_ops.moe import MoE
 from glm45_ops.quant import per_block_quant_fp8
+from glm45_ops.reference import cdiv
+from glm45_ops.reference.quant import FP8_DTYPE
 
 __all__ = ["Glm45ForCausalLM", "PagedKVCache"]
 
 QUANT_BLOCK = 128
 
 
+@dataclass(frozen=True)
+class _Make:
+    """How to allocate the weights: ``dtype`` and ``device``; ``fp8``: the linear and expert weights
+    an FP8 checkpoint stores in e4m3 are allocated that way, empty, with their scale grids (so
+    loading one never materialises a BF16 copy); ``init``: random weights, else ``torch.empty``."""
+
+    dtype: torch.dtype
+    device: torch.device | str | None
+    fp8: bool = False
+    init: bool = True
+
+
 class RMSNorm(torch.nn.Module):
     """HF ``Glm4MoeRMSNorm`` numerics: normalise in fp32, cast back, then multiply by the weight."""
 
-    def __init__(self, size: int, eps: float, dtype: torch.dtype, device):
+    def __init__(self, size: int, eps: float, mk: _Make):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(size, dtype=dtype, device=device))
+        self.weight = torch.nn.Parameter(torch.ones(size, dtype=mk.dtype, device=mk.device))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,14 +69,23 @@ class Linear(torch.nn.Module):
 
     weight_scale_inv: torch.Tensor | None
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device):
+    def __init__(self, in_features: int, out_features: int, bias: bool, mk: _Make, fp8_capable: bool = True):
         super().__init__()
-        w = torch.empty(out_features, in_features, device=device).normal_(std=in_features**-0.5)
-        self.weight = torch.nn.Parameter(w.to(dtype), requires_grad=False)
-        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
-                                       requires_grad=False) if bias else None
         self.register_buffer("weight_scale_inv", None)
         self.backend: str | None = None
+        bias_dtype = torch.bfloat16 if mk.fp8 and fp8_capable else mk.dtype
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=mk.device),
+                                       requires_grad=False) if bias else None
+        if mk.fp8 and fp8_capable:
+            self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=mk.device),
+                                             requires_grad=False)
+            self.weight_scale_inv = torch.empty(cdiv(out_features, QUANT_BLOCK), cdiv(in_features, QUANT_BLOCK),
+                                                dtype=torch.float32, device=mk.device)
+            return
+        w = torch.empty(out_features, in_features, device=mk.device)
+        if mk.init:
+            w.normal_(std=in_features**-0.5)
+        self.weight = torch.nn.Parameter(w.to(mk.dtype), requires_grad=False)
 
     @property
     def is_fp8(self) -> bool:
@@ -124,15 +147,15 @@ class _Step:
 
 
 class Attention(torch.nn.Module):
-    def __init__(self, cfg: Glm45Config, layer_idx: int, dtype: torch.dtype, device):
+    def __init__(self, cfg: Glm45Config, layer_idx: int, mk: _Make):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, dtype, device)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, False, dtype, device)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.use_qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.use_qk_norm else None
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, mk)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, False, mk)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, mk) if cfg.use_qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, mk) if cfg.use_qk_norm else None
         self.eps, self.rotary_dim = cfg.rms_norm_eps, cfg.rotary_dim
         self.scale = cfg.head_dim**-0.5
         self.backend: str | None = None
@@ -165,28 +188,28 @@ class DenseMLP(torch.nn.Module):
     :func:`glm45_ops.moe.shared_expert`). Gate and up stay separate projections: GLM-4.5-Air's
     dense width 10944 is not a multiple of 128, so fused rows would share FP8 scale blocks."""
 
-    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, device):
+    def __init__(self, hidden: int, inter: int, mk: _Make):
         super().__init__()
-        self.gate_proj = Linear(hidden, inter, False, dtype, device)
-        self.up_proj = Linear(hidden, inter, False, dtype, device)
-        self.down_proj = Linear(inter, hidden, False, dtype, device)
+        self.gate_proj = Linear(hidden, inter, False, mk)
+        self.up_proj = Linear(hidden, inter, False, mk)
+        self.down_proj = Linear(inter, hidden, False, mk)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj((F.silu(self.gate_proj(x).float()) * self.up_proj(x).float()).to(x.dtype))
 
 
 class DecoderLayer(torch.nn.Module):
-    def __init__(self, cfg: Glm45Config, layer_idx: int, dtype: torch.dtype, device, fuse_shared: bool):
+    def __init__(self, cfg: Glm45Config, layer_idx: int, mk: _Make, fuse_shared: bool):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(cfg, layer_idx, dtype, device)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, mk)
+        self.self_attn = Attention(cfg, layer_idx, mk)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, mk)
         if layer_idx < cfg.first_k_dense_replace:
-            self.mlp: torch.nn.Module = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+            self.mlp: torch.nn.Module = DenseMLP(cfg.hidden_size, cfg.intermediate_size, mk)
         else:
             if cfg.n_shared_experts > 1:
                 raise ValueError(f"n_shared_experts must be 0 or 1, got {cfg.n_shared_experts}")
-            self.mlp = MoE(cfg, dtype=dtype, device=device, fuse_shared=fuse_shared)
+            self.mlp = MoE(cfg, dtype=mk.dtype, device=mk.device, fuse_shared=fuse_shared, fp8=mk.fp8, init=mk.init)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, step: _Step) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, cos_sin, step)
@@ -198,14 +221,14 @@ class MTPLayer(torch.nn.Module):
     hnorm(hidden)))``, one MoE decoder layer, then ``shared_head.norm``; the embedding and LM head
     are the main model's."""
 
-    def __init__(self, cfg: Glm45Config, layer_idx: int, dtype: torch.dtype, device, fuse_shared: bool):
+    def __init__(self, cfg: Glm45Config, layer_idx: int, mk: _Make, fuse_shared: bool):
         super().__init__()
         h = cfg.hidden_size
-        self.enorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
-        self.hnorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
-        self.eh_proj = Linear(2 * h, h, False, dtype, device)
-        self.layer = DecoderLayer(cfg, layer_idx, dtype, device, fuse_shared)
-        self.shared_head_norm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
+        self.enorm = RMSNorm(h, cfg.rms_norm_eps, mk)
+        self.hnorm = RMSNorm(h, cfg.rms_norm_eps, mk)
+        self.eh_proj = Linear(2 * h, h, False, mk, fp8_capable=False)  # BF16 in FP8 checkpoints
+        self.layer = DecoderLayer(cfg, layer_idx, mk, fuse_shared)
+        self.shared_head_norm = RMSNorm(h, cfg.rms_norm_eps, mk)
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 step: _Step) -> torch.Tensor:
@@ -213,12 +236,24 @@ class MTPLayer(torch.nn.Module):
         return self.shared_head_norm(self.layer(x, positions, cos_sin, step))
 
 
+def _check_fp8(cfg: Glm45Config, dtype: torch.dtype) -> None:
+    """FP8 weights need a bfloat16 model (FP8 GEMMs take bf16 activations), and the fused q/k/v
+    rows and the experts' gate/up rows must split at 128-row block boundaries."""
+    if dtype != torch.bfloat16:
+        raise ValueError(f"FP8 weights need a bfloat16 model (FP8 GEMMs take bf16 activations), got {dtype}")
+    for name, size in (("q width", cfg.q_size), ("kv width", cfg.kv_size),
+                       ("moe_intermediate_size", cfg.moe_intermediate_size)):
+        if size % QUANT_BLOCK:
+            raise ValueError(f"FP8 needs {name} = {size} to be a multiple of {QUANT_BLOCK}")
+
+
 class Glm45ForCausalLM(torch.nn.Module):
     """GLM-4.5 / GLM-4.5-Air (and any ``Glm4MoeForCausalLM``-shaped config) built from our ops.
 
     ``dtype``: bf16 (GPU) or fp32 (the CPU tests' exact comparisons with transformers); linear and
-    expert weights become FP8 blocks with :meth:`quantize_fp8_` or by loading an FP8 checkpoint
-    (:meth:`from_pretrained`). ``backend`` (None: the registry's choice per op, or ``torch``,
+    expert weights become FP8 blocks with :meth:`quantize_fp8_`, or are allocated so (``fp8=True``,
+    empty: what :meth:`from_pretrained` does for an FP8 checkpoint, so that no BF16 copy of them
+    ever exists). ``init=False`` leaves the weights uninitialised (for loading). ``backend`` (None: the registry's choice per op, or ``torch``,
     ``triton``, ``cuda``) is passed to every op; set it any time with :attr:`backend`.
     ``fuse_shared``: run the shared expert inside ``fused_moe`` (see :class:`glm45_ops.moe.MoE`).
 
@@ -228,23 +263,26 @@ class Glm45ForCausalLM(torch.nn.Module):
     """
 
     def __init__(self, config: Glm45Config, *, dtype: torch.dtype = torch.bfloat16, device=None,
-                 backend: str | None = None, fuse_shared: bool = True):
+                 backend: str | None = None, fuse_shared: bool = True, fp8: bool = False, init: bool = True):
         super().__init__()
         if config.num_nextn_predict_layers > 1:
             raise ValueError(f"num_nextn_predict_layers must be 0 or 1, got {config.num_nextn_predict_layers}")
+        if fp8:
+            _check_fp8(config, dtype)
         self.config = config
         self.dtype = dtype
         cfg, h = config, config.hidden_size
-        self.embed_tokens = torch.nn.Embedding(cfg.vocab_size, h, dtype=dtype, device=device)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.layers = torch.nn.ModuleList(DecoderLayer(cfg, i, dtype, device, fuse_shared)
-                                          for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
-        self.lm_head = Linear(h, cfg.vocab_size, False, dtype, device)
+        mk = _Make(dtype, device, fp8, init)
+        embed = torch.empty(cfg.vocab_size, h, dtype=dtype, device=device)
+        if init:
+            embed.normal_()
+        self.embed_tokens = torch.nn.Embedding(cfg.vocab_size, h, _weight=embed, _freeze=True)
+        self.layers = torch.nn.ModuleList(DecoderLayer(cfg, i, mk, fuse_shared) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(h, cfg.rms_norm_eps, mk)
+        self.lm_head = Linear(h, cfg.vocab_size, False, mk, fp8_capable=False)  # BF16 in FP8 checkpoints
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.mtp = (MTPLayer(cfg, cfg.num_hidden_layers, dtype, device, fuse_shared)
-                    if cfg.num_nextn_predict_layers else None)
+        self.mtp = MTPLayer(cfg, cfg.num_hidden_layers, mk, fuse_shared) if cfg.num_nextn_predict_layers else None
         self.register_buffer("cos_sin_cache", attn_ops.cos_sin_cache(cfg.max_position_embeddings, cfg.rotary_dim,
                                                                     cfg.rope_theta, device), persistent=False)
         self.requires_grad_(False)
@@ -295,13 +333,7 @@ class Glm45ForCausalLM(torch.nn.Module):
         and Air; the dense MLP's width need not: Air's is 10944)."""
         if self.is_fp8:
             raise ValueError("the model is already FP8")
-        if self.dtype != torch.bfloat16:
-            raise ValueError(f"quantize_fp8_ needs a bfloat16 model (FP8 GEMMs take bf16 activations), got {self.dtype}")
-        cfg = self.config
-        for name, size in (("q width", cfg.q_size), ("kv width", cfg.kv_size),
-                           ("moe_intermediate_size", cfg.moe_intermediate_size)):
-            if size % QUANT_BLOCK:
-                raise ValueError(f"FP8 needs {name} = {size} to be a multiple of {QUANT_BLOCK}")
+        _check_fp8(self.config, self.dtype)
         for lin in self._fp8_linears():
             lin.quantize_fp8_()
         for moe in self._moes():

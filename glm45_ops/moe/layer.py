@@ -33,6 +33,7 @@ from glm45_ops.gemm import fp8_linear
 from glm45_ops.moe.fused import fused_moe
 from glm45_ops.moe.routing import route
 from glm45_ops.quant import per_block_quant_fp8
+from glm45_ops.reference import cdiv
 from glm45_ops.reference.moe import QUANT_GROUP
 from glm45_ops.reference.quant import FP8_DTYPE
 
@@ -185,11 +186,13 @@ class Router(torch.nn.Module):
     """GLM-4.5's router, named as transformers' ``Glm4MoeTopkRouter``: fp32 ``weight`` ``[E, H]``
     and the fp32 ``e_score_correction_bias`` ``[E]`` buffer (used for selection only)."""
 
-    def __init__(self, num_experts: int, hidden_size: int, device: torch.device | str | None = None):
+    def __init__(self, num_experts: int, hidden_size: int, device: torch.device | str | None = None,
+                 init: bool = True):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32, device=device))
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
-        torch.nn.init.normal_(self.weight, std=hidden_size**-0.5)
+        if init:
+            torch.nn.init.normal_(self.weight, std=hidden_size**-0.5)
 
 
 class MoE(torch.nn.Module):
@@ -207,7 +210,9 @@ class MoE(torch.nn.Module):
     128 x 128 blocks with fp32 ``w13_scale`` / ``w2_scale`` buffers (``None`` for BF16).
     ``fuse_shared`` picks the fused (one ``fused_moe`` over E+S experts) or the separate shared
     expert; ``backend`` is passed to every op (None: the registry's choice). Weights are
-    initialised at random (``load_hf_state_dict`` loads a checkpoint's). Move it with
+    initialised at random (``load_hf_state_dict`` loads a checkpoint's); ``fp8=True`` allocates
+    them as empty e4m3 blocks with their scale grids (to be loaded into, with no BF16 copy), and
+    ``init=False`` leaves every weight uninitialised (``torch.empty``). Move it with
     ``.to(device)`` only: a dtype cast would also convert the fp32 router and the e4m3 weights.
     """
 
@@ -222,6 +227,8 @@ class MoE(torch.nn.Module):
         device: torch.device | str | None = None,
         fuse_shared: bool = True,
         backend: str | None = None,
+        fp8: bool = False,
+        init: bool = True,
     ):
         super().__init__()
         self.hidden_size = config.hidden_size
@@ -236,13 +243,22 @@ class MoE(torch.nn.Module):
         self.fuse_shared = fuse_shared
         self.backend = backend
         h, i, n = self.hidden_size, self.intermediate_size, self.num_experts + self.num_shared
-        self.gate = Router(self.num_experts, h, device)
-        w13 = torch.empty(n, 2 * i, h, device=device).uniform_(-(h**-0.5), h**-0.5)
-        w2 = torch.empty(n, h, i, device=device).uniform_(-(i**-0.5), i**-0.5)
-        self.w13 = torch.nn.Parameter(w13.to(dtype))
-        self.w2 = torch.nn.Parameter(w2.to(dtype))
+        self.gate = Router(self.num_experts, h, device, init=init)
         self.register_buffer("w13_scale", None)
         self.register_buffer("w2_scale", None)
+        if fp8:  # allocated as e4m3 blocks to be loaded into: no BF16 copy of the experts ever exists
+            g = QUANT_GROUP
+            self.w13 = torch.nn.Parameter(torch.empty(n, 2 * i, h, dtype=FP8_DTYPE, device=device), requires_grad=False)
+            self.w2 = torch.nn.Parameter(torch.empty(n, h, i, dtype=FP8_DTYPE, device=device), requires_grad=False)
+            self.w13_scale = torch.empty(n, cdiv(2 * i, g), cdiv(h, g), dtype=torch.float32, device=device)
+            self.w2_scale = torch.empty(n, cdiv(h, g), cdiv(i, g), dtype=torch.float32, device=device)
+            return
+        w13, w2 = torch.empty(n, 2 * i, h, device=device), torch.empty(n, h, i, device=device)
+        if init:
+            w13.uniform_(-(h**-0.5), h**-0.5)
+            w2.uniform_(-(i**-0.5), i**-0.5)
+        self.w13 = torch.nn.Parameter(w13.to(dtype))
+        self.w2 = torch.nn.Parameter(w2.to(dtype))
 
     @property
     def is_fp8(self) -> bool:

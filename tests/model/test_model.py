@@ -358,3 +358,37 @@ def test_triton_backend_assembles():
     m.backend = "triton"
     assert calc_diff(m(ids), want) < 1e-9
     assert torch.equal(m.generate(ids, 3, speculative="mtp", num_draft_tokens=2), plain)
+
+
+def test_fp8_checkpoint_never_materialises_bf16_weights(tmp_path, monkeypatch):
+    """Loading an FP8 checkpoint allocates the linear and expert weights as e4m3 from the start:
+    nothing is quantized on the way (GLM-4.5-Air-FP8 in BF16 would not fit an H200)."""
+    from glm45_ops.model import modeling
+    from glm45_ops.moe import layer
+
+    m = _model(dtype=torch.bfloat16).quantize_fp8_()
+    m.save_pretrained(tmp_path)
+    ids = torch.randint(0, TINY.vocab_size, (2, 7))
+    want = m(ids)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("quantized while loading an FP8 checkpoint")
+
+    monkeypatch.setattr(modeling, "per_block_quant_fp8", refuse)
+    monkeypatch.setattr(layer, "per_block_quant_fp8", refuse)
+    big_bf16 = []
+    real_empty = torch.empty
+
+    def empty(*size, **kw):  # every allocation the constructors make goes through torch.empty
+        t = real_empty(*size, **kw)
+        if t.dtype in (torch.bfloat16, torch.float32) and t.dim() == 3:
+            big_bf16.append(tuple(t.shape))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    m2 = Glm45ForCausalLM.from_pretrained(tmp_path, progress=False)
+    monkeypatch.undo()
+    assert m2.is_fp8 and m2.layers[1].mlp.w13.dtype == torch.float8_e4m3fn
+    # the only 3-D float allocations are the experts' scale grids
+    assert all(s[1] <= 2 and s[2] <= 2 for s in big_bf16), big_bf16
+    assert torch.equal(m2(ids), want)

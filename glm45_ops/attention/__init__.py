@@ -8,5 +8,8 @@ defines its ops; this package re-exports their public functions.
 
 from __future__ import annotations
 
-from glm45_ops.attention.flash import attention_paged, attention_varlen, merge_attn_states  # noqa: F401
-from glm45_ops.attention.rope import cos_sin_cache, kv_cache_write, qk_norm_rope, qk_norm_rope_, qk_norm_rope_kv_write  # noqa: F401
+from glm45_ops.attention.flash import attention_paged, attention_varlen, merge_attn_states
+from glm45_ops.attention.rope import cos_sin_cache, kv_cache_write, qk_norm_rope, qk_norm_rope_, qk_norm_rope_kv_write
+
+__all__ = ["attention_paged", "attention_varlen", "cos_sin_cache", "kv_cache_write", "merge_attn_states",
+           "qk_norm_rope", "qk_norm_rope_", "qk_norm_rope_kv_write"]

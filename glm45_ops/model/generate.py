@@ -222,7 +222,6 @@ def _draft(step, start, logits, hidden, s, temperature, top_k, top_p, generator)
 def main(argv: list[str] | None = None) -> int:
     """``glm45-generate``: generate with random weights (``--preset``) or a checkpoint (``--model``),
     printing the tokens, tokens/s and, with ``--speculative mtp``, the acceptance rate."""
-    from glm45_ops.model import Glm45Config, Glm45ForCausalLM
 
     ap = argparse.ArgumentParser(prog="glm45-generate", description=main.__doc__)
     src = ap.add_mutually_exclusive_group()
@@ -245,6 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad arguments or checkpoint: one line, exit 2
+        ap.error(str(e).splitlines()[0])
+
+
+def _run(args: argparse.Namespace) -> int:
+    from glm45_ops.model import Glm45Config, Glm45ForCausalLM
+
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" or args.fp8 else "float32"))

@@ -392,3 +392,16 @@ def test_fp8_checkpoint_never_materialises_bf16_weights(tmp_path, monkeypatch):
     # the only 3-D float allocations are the experts' scale grids
     assert all(s[1] <= 2 and s[2] <= 2 for s in big_bf16), big_bf16
     assert torch.equal(m2(ids), want)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "glm-5"], "unknown preset 'glm-5'"),
+    (["--model", "/nonexistent/dir"], "/nonexistent/dir"),
+    (["--num-draft-tokens", "9", "--speculative", "mtp"], "num_draft_tokens must be an int in 1..4"),
+])
+def test_cli_bad_arguments_exit_2_with_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        gen_mod.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -167,6 +167,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
                                               torch.zeros_like(start))
     last_logits, last_hidden = mtp_logits[:, -1], mtp_hidden[:, -1]
     n_out = torch.ones(b, dtype=torch.long, device=dev)
+    per_position = torch.zeros(s, dtype=torch.long, device=dev)
     cols = torch.arange(s + 1, device=dev)
     while int(n_out.min()) < max_new_tokens:
         drafts, draft_probs = _draft(steps.draft, start, last_logits, last_hidden, s, temperature, top_k, top_p,
@@ -192,12 +193,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
         last_hidden = mtp_hidden.gather(1, accepted[:, None, None].expand(-1, 1, mtp_hidden.shape[-1]))[:, 0]
         start += (accepted + 1).to(torch.int32)
         stats["rounds"] += 1
-        stats["drafted"] += b * s
-        stats["accepted"] += int(accepted.sum())
-        stats["accepted_per_position"] += (cols[None, :s] < accepted[:, None]).sum(0).cpu()
+        per_position += (cols[None, :s] < accepted[:, None]).sum(0)  # on the device: no sync per round
     result = out[:, :max_new_tokens]
     if not return_stats:
         return result
+    stats["drafted"] = b * s * stats["rounds"]
+    stats["accepted_per_position"] = per_position.cpu()
+    stats["accepted"] = int(stats["accepted_per_position"].sum())
     stats["acceptance_rate"] = stats["accepted"] / max(stats["drafted"], 1)
     stats["tokens_per_round"] = (stats["accepted"] + b * stats["rounds"]) / max(b * stats["rounds"], 1)
     return result, stats

@@ -118,11 +118,6 @@ class PagedKVCache:
     block_table: torch.Tensor
     page_size: int
 
-    @property
-    def capacity(self) -> int:
-        """Tokens each sequence can hold."""
-        return self.block_table.shape[1] * self.page_size
-
     def slot_mapping(self, start: torch.Tensor, n: int) -> torch.Tensor:
         """int32 ``[B * n]`` cache slots of positions ``start[b] + j``, ``j < n``."""
         pos = start[:, None].long() + torch.arange(n, device=start.device)
@@ -138,12 +133,15 @@ class _Step:
     n: int
     batch: int
     cache: PagedKVCache | None = None
-    start: torch.Tensor | None = None
     slots: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
+    _cu: torch.Tensor | None = None
 
     def cu_seqlens(self, device) -> torch.Tensor:
-        return torch.arange(self.batch + 1, device=device, dtype=torch.int32) * self.n
+        """int32 ``[B + 1]`` query (and, cache-less, key) offsets: made once per forward, not per layer."""
+        if self._cu is None:
+            self._cu = torch.arange(self.batch + 1, device=device, dtype=torch.int32) * self.n
+        return self._cu
 
 
 class Attention(torch.nn.Module):
@@ -387,7 +385,7 @@ class Glm45ForCausalLM(torch.nn.Module):
     def _paged_step(self, cache: PagedKVCache, start: torch.Tensor, b: int, n: int) -> tuple[torch.Tensor, _Step]:
         start = start.to(self.device, torch.int32)
         positions = (start[:, None] + torch.arange(n, device=self.device, dtype=torch.int32)).flatten()
-        return positions, _Step(n=n, batch=b, cache=cache, start=start, slots=cache.slot_mapping(start, n),
+        return positions, _Step(n=n, batch=b, cache=cache, slots=cache.slot_mapping(start, n),
                                 seq_lens=start + n)
 
     def extend(self, input_ids: torch.Tensor, cache: PagedKVCache, start: torch.Tensor):

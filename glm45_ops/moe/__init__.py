@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from glm45_ops.moe.ep import ep_fused_moe, local_experts
 from glm45_ops.moe.fused import fused_moe
-from glm45_ops.moe.grouped_moe import fused_moe_grouped
+from glm45_ops.moe.grouped_moe import expert_offsets, fused_moe_grouped
 from glm45_ops.moe.grouped import grouped_bf16_gemm, grouped_fp8_block_gemm
 from glm45_ops.moe.layer import MoE, append_shared_routing, fuse_shared_expert, shared_expert, split_shared_expert
 from glm45_ops.moe.permute import moe_align_block_size
@@ -29,7 +29,7 @@ from glm45_ops.moe.routing import moe_route, route
 from glm45_ops.moe.shard import ExpertShard, shard_fp8_experts
 
 __all__ = [
-    "ExpertShard", "MoE", "append_shared_routing", "ep_fused_moe", "fuse_shared_expert", "fused_moe", "fused_moe_grouped",
-    "grouped_bf16_gemm", "grouped_fp8_block_gemm", "local_experts", "moe_align_block_size", "moe_route", "route",
+    "ExpertShard", "MoE", "append_shared_routing", "ep_fused_moe", "expert_offsets", "fuse_shared_expert", "fused_moe",
+    "fused_moe_grouped", "grouped_bf16_gemm", "grouped_fp8_block_gemm", "local_experts", "moe_align_block_size", "moe_route", "route",
     "shard_fp8_experts", "shared_expert", "split_shared_expert",
 ]

@@ -33,7 +33,7 @@ from glm45_ops.quant import per_token_group_quant_fp8
 from glm45_ops.reference import cdiv
 from glm45_ops.reference.moe import QUANT_GROUP
 
-__all__ = ["fused_moe_grouped"]
+__all__ = ["expert_offsets", "fused_moe_grouped"]
 
 
 def _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> None:
@@ -43,6 +43,16 @@ def _check(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale) -> None:
     if w13_scale is not None and w13_scale.shape[1] != cdiv(w13.shape[1], QUANT_GROUP):
         raise ValueError("w13_scale must hold 128 x 128 block scales [E, ceil(2I/128), ceil(H/128)] here "
                          f"(one scale per row, a tensor-parallel shard's, needs fused_moe), got {tuple(w13_scale.shape)}")
+
+
+def expert_offsets(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int32 ``[E + 1]`` start of each expert's rows in the contiguous layout (the grouped GEMMs'
+    ``expert_offsets``): cumulative counts of ``topk_ids``, ids outside ``[0, E)`` left out. On
+    the device, no host sync."""
+    ids = topk_ids.reshape(-1).long()
+    valid = (ids >= 0) & (ids < num_experts)
+    counts = torch.bincount(torch.where(valid, ids, num_experts), minlength=num_experts + 1)[:num_experts]
+    return torch.cat((counts.new_zeros(1), counts.cumsum(0))).to(torch.int32)
 
 
 def fused_moe_grouped(
@@ -67,10 +77,7 @@ def fused_moe_grouped(
         return torch.zeros_like(x)
     fp8 = w13_scale is not None
     pair = moe_align_block_size(topk_ids, e, 1, backend=backend)[0].long()  # [n]; n marks a left-out pair
-    ids = topk_ids.reshape(-1).long()
-    valid = (ids >= 0) & (ids < e)
-    counts = torch.bincount(torch.where(valid, ids, e), minlength=e + 1)[:e]
-    offsets = torch.cat((counts.new_zeros(1), counts.cumsum(0))).to(torch.int32)
+    offsets = expert_offsets(topk_ids, e)
     src = pair.clamp(max=n - 1)  # rows past the groups read some pair; the GEMMs give them zeros
     token = src // k
     if fp8:

@@ -217,11 +217,9 @@ def _shared_case(cfg: ModelConfig, t: int, inter: int, fp8: bool) -> Case:
 
 
 def _group_offsets(t: int, k: int, e_route: int, local_e: int, device, gen) -> torch.Tensor:
-    """int32 ``[local_e + 1]`` offsets of the rows a rank's experts get when ``t`` tokens pick
-    ``k`` of ``e_route`` experts at random (EP: ids past ``local_e`` belong to other ranks)."""
-    ids = torch.rand((t, e_route), generator=gen, device=device).topk(k, dim=1).indices.flatten()
-    counts = torch.bincount(ids[ids < local_e], minlength=local_e)
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    """The offsets of the rows a rank's experts get when ``t`` tokens pick ``k`` of ``e_route``
+    experts at random (EP: ids past ``local_e`` belong to other ranks)."""
+    return moe.expert_offsets(torch.rand((t, e_route), generator=gen, device=device).topk(k, dim=1).indices, local_e)
 
 
 def _grouped_mm_gemm_peer(device, gen, a, *rest):

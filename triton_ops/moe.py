@@ -32,6 +32,9 @@ from triton_ops._common import e4m3_bits, round_to_e4m3_grid, to_out_dtype
 ALIGN_CHUNK = 64  # pairs per scatter step: a [64, 64] rank comparison stays in registers
 ALIGN_SPAN = 4096  # pairs per program of the prefill path (decode sizes take the one-program kernel)
 QUANT_GROUP = 128
+H200_SMS = 132
+SPLIT_K_MIN_TILES = 4  # K tiles per gate-up slice at least
+SPLIT_K_MAX_BYTES = 8 << 20  # fp32 partials of a split gate-up GEMM
 
 
 @triton.jit
@@ -173,34 +176,69 @@ def _quant_tile_e4m3(h, ROUND_ON_GRID: tl.constexpr):
 
 
 @triton.jit
-def _moe_gate_up_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, block_expert_ptr,
-    num_pairs, top_k, H, I, i_offset,
-    stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsk,
-    stride_hm, stride_hsm, stride_hsk,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    FP8: tl.constexpr, ROW_SCALES: tl.constexpr, HAS_OFFSET: tl.constexpr, UPCAST: tl.constexpr,
-    ROUND_ON_GRID: tl.constexpr,
-):
-    pid_n = tl.program_id(1)
-    e, rows, pair, valid = _block_pairs(block_expert_ptr, sorted_ptr, num_pairs, BLOCK_M)
-    if e < 0:
-        return
-    token = (pair // top_k).to(tl.int64)
-    # Tiles along I start i_offset columns early (a tensor-parallel shard whose first column sits
-    # inside a 128-block), so each FP8 tile is one 1 x 128 group aligned with the w2 scale blocks.
-    # (HAS_OFFSET is a constexpr so the common, aligned case keeps its simple masks and registers)
+def _gate_up_cols(pid_n, I, i_offset, BLOCK_N: tl.constexpr, HAS_OFFSET: tl.constexpr):
+    """Tile ``pid_n``'s columns of the intermediate and which of them exist. Tiles along I start
+    i_offset columns early (a tensor-parallel shard whose first column sits inside a 128-block),
+    so each FP8 tile is one 1 x 128 group aligned with the w2 scale blocks. (HAS_OFFSET is a
+    constexpr so the common, aligned case keeps its simple masks and registers.)"""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < I
     if HAS_OFFSET:
         offs_n -= i_offset
         nmask = (offs_n >= 0) & (offs_n < I)
         offs_n = tl.where(nmask, offs_n, 0)
+    return offs_n, nmask
+
+
+@triton.jit
+def _swiglu_store(acc_g, acc_u, rows, valid, offs_n, nmask, pid_n, h_ptr, hs_ptr, stride_hm, stride_hsm, stride_hsk,
+                  FP8: tl.constexpr, ROUND_ON_GRID: tl.constexpr):
+    """``h = silu(g) * u`` of a finished ``[BLOCK_M, BLOCK_N]`` tile into its rows of ``h``: in
+    h's dtype, or (FP8) rounded into bf16 as the definition says, then quantized 1 x 128 (the
+    tile is one group) with its scale into column ``pid_n`` of ``hs``."""
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    out_rows = rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]  # masked where offs_n was clamped
+    omask = valid[:, None] & nmask[None, :]
+    if FP8:
+        hb = to_out_dtype(h, tl.bfloat16, ROUND_ON_GRID).to(tl.float32)
+        hb = tl.where(nmask[None, :], hb, 0.0)
+        q, scale = _quant_tile_e4m3(hb, ROUND_ON_GRID)
+        tl.store(h_ptr + out_rows, q, mask=omask)
+        tl.store(hs_ptr + rows.to(tl.int64) * stride_hsm + pid_n * stride_hsk, scale, mask=valid)
+    else:
+        tl.store(h_ptr + out_rows, to_out_dtype(h, h_ptr.dtype.element_ty, ROUND_ON_GRID), mask=omask)
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, part_ptr, sorted_ptr, block_expert_ptr,
+    num_pairs, top_k, H, I, i_offset, k_per_split,
+    stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wse, stride_wsn, stride_wsk,
+    stride_hm, stride_hsm, stride_hsk, stride_ps, stride_pm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP8: tl.constexpr, ROW_SCALES: tl.constexpr, HAS_OFFSET: tl.constexpr, UPCAST: tl.constexpr,
+    ROUND_ON_GRID: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Gate and up tiles of one (row block, I tile) over all of H, SwiGLU in the epilogue; or,
+    with ``SPLIT_K`` > 1, over K slice ``program_id(2)`` (``k_per_split`` columns of H, a multiple
+    of BLOCK_K), the fp32 partial sums stored to ``part`` ``[SPLIT_K, T*k, 2, tiles*BLOCK_N]``
+    (by pair, so padding rows cost nothing) for ``_moe_swiglu_kernel`` to finish."""
+    pid_n = tl.program_id(1)
+    e, rows, pair, valid = _block_pairs(block_expert_ptr, sorted_ptr, num_pairs, BLOCK_M)
+    if e < 0:
+        return
+    token = (pair // top_k).to(tl.int64)
+    offs_n, nmask = _gate_up_cols(pid_n, I, i_offset, BLOCK_N, HAS_OFFSET)
     offs_k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + e * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
+    k_lo = 0
+    k_hi = H
+    if SPLIT_K > 1:
+        k_lo = tl.program_id(2) * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, H)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kmask = k0 + offs_k < H
         a = tl.load(x_ptr + token[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
         wmask = kmask[:, None] & nmask[None, :]
@@ -222,18 +260,41 @@ def _moe_gate_up_kernel(
         else:
             acc_g += tl.dot(a, wg, out_dtype=tl.float32)
             acc_u += tl.dot(a, wu, out_dtype=tl.float32)
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-    out_rows = rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]  # masked where offs_n was clamped
-    omask = valid[:, None] & nmask[None, :]
-    if FP8:
-        # the definition rounds h into x's dtype (bf16) before quantizing it
-        hb = to_out_dtype(h, tl.bfloat16, ROUND_ON_GRID).to(tl.float32)
-        hb = tl.where(nmask[None, :], hb, 0.0)
-        q, scale = _quant_tile_e4m3(hb, ROUND_ON_GRID)
-        tl.store(h_ptr + out_rows, q, mask=omask)
-        tl.store(hs_ptr + rows.to(tl.int64) * stride_hsm + pid_n * stride_hsk, scale, mask=valid)
+    if SPLIT_K > 1:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        width = tl.num_programs(1) * BLOCK_N
+        dst = part_ptr + tl.program_id(2) * stride_ps + pair.to(tl.int64)[:, None] * stride_pm + cols[None, :]
+        tl.store(dst, acc_g, mask=valid[:, None])
+        tl.store(dst + width, acc_u, mask=valid[:, None])
     else:
-        tl.store(h_ptr + out_rows, to_out_dtype(h, h_ptr.dtype.element_ty, ROUND_ON_GRID), mask=omask)
+        _swiglu_store(acc_g, acc_u, rows, valid, offs_n, nmask, pid_n, h_ptr, hs_ptr, stride_hm, stride_hsm,
+                      stride_hsk, FP8, ROUND_ON_GRID)
+
+
+@triton.jit
+def _moe_swiglu_kernel(
+    part_ptr, h_ptr, hs_ptr, sorted_ptr, block_expert_ptr, num_pairs, I, i_offset,
+    stride_ps, stride_pm, stride_hm, stride_hsm, stride_hsk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, FP8: tl.constexpr,
+    HAS_OFFSET: tl.constexpr, ROUND_ON_GRID: tl.constexpr,
+):
+    """Split-K's second step, on the gate-up grid: the ``SPLIT_K`` partial sums of a tile, added
+    in split order (deterministic), then the gate-up kernel's own epilogue."""
+    pid_n = tl.program_id(1)
+    e, rows, pair, valid = _block_pairs(block_expert_ptr, sorted_ptr, num_pairs, BLOCK_M)
+    if e < 0:
+        return
+    offs_n, nmask = _gate_up_cols(pid_n, I, i_offset, BLOCK_N, HAS_OFFSET)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    width = tl.num_programs(1) * BLOCK_N
+    src = part_ptr + pair.to(tl.int64)[:, None] * stride_pm + cols[None, :]
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc_g += tl.load(src + s * stride_ps, mask=valid[:, None], other=0.0)
+        acc_u += tl.load(src + s * stride_ps + width, mask=valid[:, None], other=0.0)
+    _swiglu_store(acc_g, acc_u, rows, valid, offs_n, nmask, pid_n, h_ptr, hs_ptr, stride_hm, stride_hsm, stride_hsk,
+                  FP8, ROUND_ON_GRID)
 
 
 @triton.jit
@@ -315,13 +376,32 @@ def row_scales(w13: torch.Tensor, w13_scale: torch.Tensor) -> bool:
     return w13_scale.shape[1] == w13.shape[1] != triton.cdiv(w13.shape[1], QUANT_GROUP)
 
 
+def gate_up_split_k(num_pairs: int, num_experts: int, block_m: int, block_n: int, n_tiles: int, k_tiles: int,
+                    device: torch.device) -> int:
+    """K slices for the gate-up GEMM. Decode routes a few tokens to a few experts: then the
+    (row block, I tile) programs, at most ``(ceil(pairs / BLOCK_M) + min(E, pairs)) * n_tiles``
+    (one partial block per expert hit), are too few to stream the weights at HBM speed (GLM-4.5
+    at TP8, one token: 8 experts x 2 tiles = 16 programs for 132 SMs). Split H until about two
+    waves of programs, keeping at least ``SPLIT_K_MIN_TILES`` K tiles per slice (a shorter loop
+    leaves the pipeline empty) and the fp32 partials under ``SPLIT_K_MAX_BYTES``. The SM count
+    is the GPU's (a nominal H200's on the CPU, so the interpreter takes the same path)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H200_SMS
+    programs = (triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)) * n_tiles
+    if programs >= sms:
+        return 1
+    split = min(triton.cdiv(2 * sms, programs), k_tiles // SPLIT_K_MIN_TILES)
+    per_split = num_pairs * 2 * n_tiles * block_n * 4  # bytes of one slice's fp32 partials
+    return max(1, min(split, SPLIT_K_MAX_BYTES // max(per_split, 1)))
+
+
 def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids, block_expert, top_k, config,
               i_offset: int = 0) -> torch.Tensor:
     """The two grouped GEMMs over permuted rows -> fp32 ``[T*k, H]`` weighted expert outputs
     (rows of pairs no local expert took stay 0). ``x``/``w`` e4m3 with scales for FP8, else
     bf16/fp16/fp32. ``config``: vLLM-style block sizes from ``triton_ops.moe_configs.get_config``
     (its ``BLOCK_SIZE_M`` is the block ``sorted_ids`` was padded to; FP8 tiles are 128 wide, one
-    scale block / quantization group each); under the interpreter, BF16 tiles span whole dims."""
+    scale block / quantization group each); under the interpreter, BF16 tiles span whole dims
+    unless the gate-up GEMM splits K (:func:`gate_up_split_k`: decode sizes)."""
     t, h = x.shape
     inter = w13.shape[1] // 2
     n = topk_weights.numel()
@@ -330,10 +410,12 @@ def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids
     interp = interpreting()
     block_m = config["BLOCK_SIZE_M"]
     launch = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
-    whole = interp and not fp8  # the interpreter pays per program: one tile per dimension
+    dev = x.device
+    split = gate_up_split_k(n, w13.shape[0], block_m, config["BLOCK_SIZE_N"],
+                            triton.cdiv(inter + i_offset, config["BLOCK_SIZE_N"]), triton.cdiv(h, config["BLOCK_SIZE_K"]), dev)
+    whole = interp and not fp8 and split == 1  # the interpreter pays per program: one tile per dimension
     block_k = triton.next_power_of_2(max(h, 16)) if whole else config["BLOCK_SIZE_K"]
     block_n = triton.next_power_of_2(max(inter, 16)) if whole else config["BLOCK_SIZE_N"]
-    dev = x.device
     if fp8:
         act = torch.empty((rows, inter), dtype=torch.uint8, device=dev)
         act_s = torch.empty((rows, triton.cdiv(inter + i_offset, QUANT_GROUP)), dtype=torch.float32, device=dev)
@@ -342,18 +424,29 @@ def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids
         act_s = act  # unused
     dummy = x_scale if fp8 else x
     upcast = interp and not fp8
-    grid1 = (block_expert.numel(), triton.cdiv(inter + i_offset, block_n))
+    n_tiles = triton.cdiv(inter + i_offset, block_n)
+    k_per_split = triton.cdiv(triton.cdiv(h, block_k), split) * block_k
+    split = triton.cdiv(h, k_per_split)  # no empty slice
+    part = torch.empty((split, n, 2 * n_tiles * block_n) if split > 1 else (0,), dtype=torch.float32, device=dev)
+    grid1 = (block_expert.numel(), n_tiles, split)
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, FP8=fp8, HAS_OFFSET=i_offset != 0, ROUND_ON_GRID=interp,
+                  SPLIT_K=split)
     _moe_gate_up_kernel[grid1](
-        x, dummy, w13, w13_scale if fp8 else w13, act, act_s, sorted_ids, block_expert,
-        n, top_k, h, inter, i_offset,
+        x, dummy, w13, w13_scale if fp8 else w13, act, act_s, part, sorted_ids, block_expert,
+        n, top_k, h, inter, i_offset, k_per_split,
         x.stride(0), dummy.stride(0), dummy.stride(-1), w13.stride(0), w13.stride(1),
         *((w13_scale.stride(0), w13_scale.stride(1), w13_scale.stride(2)) if fp8 else (0, 0, 0)),
-        act.stride(0), act_s.stride(0), act_s.stride(-1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FP8=fp8, ROW_SCALES=fp8 and row_scales(w13, w13_scale),
-        HAS_OFFSET=i_offset != 0, UPCAST=upcast, ROUND_ON_GRID=interp, **launch,
+        act.stride(0), act_s.stride(0), act_s.stride(-1), *((part.stride(0), part.stride(1)) if split > 1 else (0, 0)),
+        BLOCK_K=block_k, ROW_SCALES=fp8 and row_scales(w13, w13_scale), UPCAST=upcast, **common, **launch,
     )
+    if split > 1:
+        _moe_swiglu_kernel[grid1[:2]](
+            part, act, act_s, sorted_ids, block_expert, n, inter, i_offset,
+            part.stride(0), part.stride(1), act.stride(0), act_s.stride(0), act_s.stride(-1),
+            **common, num_warps=4,
+        )
     y = torch.zeros((n, h), dtype=torch.float32, device=dev)
-    block_k2 = triton.next_power_of_2(max(inter, 16)) if whole else config["BLOCK_SIZE_K"]
+    block_k2 = triton.next_power_of_2(max(inter, 16)) if interp and not fp8 else config["BLOCK_SIZE_K"]
     block_n2 = triton.next_power_of_2(max(h, 16)) if interp else config["BLOCK_SIZE_N"]
     grid2 = (block_expert.numel(), triton.cdiv(h, block_n2))
     _moe_down_kernel[grid2](
@@ -378,22 +471,41 @@ def _default(fp8: bool, block_m: int) -> dict:
     return default_config(160, 192, 5120, m, "fp8_w8a8" if fp8 else torch.bfloat16, FP8_BLOCK_SHAPE if fp8 else None)
 
 
-def _gate_up_spec(fp8: bool, block_m: int) -> CompileSpec:
+def _gate_up_spec(fp8: bool, block_m: int, split: int = 1) -> CompileSpec:
     x_t = "*fp8e4nv" if fp8 else "*bf16"
     sig = {"x_ptr": x_t, "xs_ptr": "*fp32", "w_ptr": x_t, "ws_ptr": "*fp32", "h_ptr": "*u8" if fp8 else "*bf16",
-           "hs_ptr": "*fp32", "sorted_ptr": "*i32", "block_expert_ptr": "*i32",
-           "num_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32", "i_offset": "i32",
+           "hs_ptr": "*fp32", "part_ptr": "*fp32", "sorted_ptr": "*i32", "block_expert_ptr": "*i32",
+           "num_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32", "i_offset": "i32", "k_per_split": "i32",
            **{s: "i32" for s in ("stride_xm", "stride_xsm", "stride_xsk", "stride_we", "stride_wn", "stride_wse",
-                                 "stride_wsn", "stride_wsk", "stride_hm", "stride_hsm", "stride_hsk")},
+                                 "stride_wsn", "stride_wsk", "stride_hm", "stride_hsm", "stride_hsk", "stride_ps",
+                                 "stride_pm")},
            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "FP8": "constexpr",
-           "ROW_SCALES": "constexpr", "HAS_OFFSET": "constexpr", "UPCAST": "constexpr", "ROUND_ON_GRID": "constexpr"}
+           "ROW_SCALES": "constexpr", "HAS_OFFSET": "constexpr", "UPCAST": "constexpr", "ROUND_ON_GRID": "constexpr",
+           "SPLIT_K": "constexpr"}
     cfg = _default(fp8, block_m)
     bn, bk = cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
     return CompileSpec(
-        label=f"{'fp8' if fp8 else 'bf16'} BLOCK_M={block_m}", kernel=_moe_gate_up_kernel, signature=sig,
+        label=f"{'fp8' if fp8 else 'bf16'} BLOCK_M={block_m}" + (f" SPLIT_K={split}" if split > 1 else ""),
+        kernel=_moe_gate_up_kernel, signature=sig,
         constexprs={"BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "FP8": fp8, "ROW_SCALES": False,
-                    "HAS_OFFSET": False, "UPCAST": False, "ROUND_ON_GRID": False},
-        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}, aligned=("H", "I", "stride_xm", "stride_we", "stride_wn", "stride_hm"),
+                    "HAS_OFFSET": False, "UPCAST": False, "ROUND_ON_GRID": False, "SPLIT_K": split},
+        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+        aligned=("H", "I", "k_per_split", "stride_xm", "stride_we", "stride_wn", "stride_hm", "stride_ps", "stride_pm"),
+    )
+
+
+def _swiglu_spec(fp8: bool) -> CompileSpec:
+    sig = {"part_ptr": "*fp32", "h_ptr": "*u8" if fp8 else "*bf16", "hs_ptr": "*fp32", "sorted_ptr": "*i32",
+           "block_expert_ptr": "*i32", "num_pairs": "i32", "I": "i32", "i_offset": "i32",
+           **{s: "i32" for s in ("stride_ps", "stride_pm", "stride_hm", "stride_hsm", "stride_hsk")},
+           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "SPLIT_K": "constexpr", "FP8": "constexpr",
+           "HAS_OFFSET": "constexpr", "ROUND_ON_GRID": "constexpr"}
+    cfg = _default(fp8, 16)
+    return CompileSpec(
+        label=f"{'fp8' if fp8 else 'bf16'} BLOCK_M=16 SPLIT_K=10", kernel=_moe_swiglu_kernel, signature=sig,
+        constexprs={"BLOCK_M": 16, "BLOCK_N": cfg["BLOCK_SIZE_N"], "SPLIT_K": 10, "FP8": fp8, "HAS_OFFSET": False,
+                    "ROUND_ON_GRID": False},
+        options={"num_warps": 4}, aligned=("I", "stride_ps", "stride_pm", "stride_hm"),
     )
 
 
@@ -442,5 +554,7 @@ COMPILE_SPECS = [
         constexprs={"SPAN": ALIGN_SPAN, "CHUNK": ALIGN_CHUNK}, options={"num_warps": 4},
     ),
     *(_gate_up_spec(fp8, bm) for fp8 in (False, True) for bm in (16, 64)),
+    *(_gate_up_spec(fp8, 16, split=10) for fp8 in (False, True)),
+    *(_swiglu_spec(fp8) for fp8 in (False, True)),
     *(_down_spec(fp8, bm) for fp8 in (False, True) for bm in (16, 64)),
 ]

@@ -3,7 +3,9 @@
 
 The Triton backend permutes the (token, slot) pairs with ``moe_align_block_size`` (device side,
 no host sync), runs the gate-up grouped GEMM with SwiGLU (and, for FP8, the 1 x 128 quantization
-of the intermediate) in its epilogue, then the down grouped GEMM scaled by the routing weights,
+of the intermediate) in its epilogue (at decode sizes split over K into fp32 partials, which a
+second pass sums in a fixed order before the same epilogue: enough programs to stream the
+weights), then the down grouped GEMM scaled by the routing weights,
 and sums the k slots of each token in one pass. Any intermediate size that is a multiple of 16
 (GLM-4.5's TP8 shard 192, Air's 176: partial scale blocks) and any expert count.
 """
@@ -146,6 +148,8 @@ def _fused_samples(device, gen):
         Sample(case(4, 64, 176, 5, 2, torch.float16), note="I=176 (Air at TP8)"),
         Sample(case(9, 32, 16, 3, 2, spread_ids=False), note="all tokens on one expert"),
         Sample(case(6, 256, 192, 4, 2, fp8=True), note="FP8, partial scale blocks"),
+        Sample(case(1, 1024, 192, 6, 2, fp8=True), note="FP8 decode: the gate-up GEMM splits K (Triton)"),
+        Sample(case(2, 512, 176, 5, 2), note="BF16 decode: the gate-up GEMM splits K (Triton)"),
         Sample(case(0, 64, 32, 4, 2), tag="empty"),
         Sample(nan_case, tag="nonfinite"),
     ]

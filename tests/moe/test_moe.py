@@ -203,3 +203,76 @@ def test_tp_shards_keep_the_checkpoint_and_sum_to_the_layer(gen, device, backend
     xq = dequant_fp8(*per_token_group_quant_fp8(xb), out_dtype=torch.float32).to(torch.bfloat16)
     want = moe_oracle(xq, full13, full2, wts, ids)
     assert calc_diff(total, want) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Split-K gate-up GEMM (decode sizes)
+# ---------------------------------------------------------------------------------------------
+
+TRITON_DEVICES = sorted({d for d, b in BACKENDS if b == "triton"})
+
+
+def test_split_k_heuristic_splits_decode_only():
+    """GLM-4.5 at TP8, one token: 8 experts x 2 I tiles = 16 programs, split to ~2 waves of a
+    H200 (4 K tiles per slice at least); from a batch that fills the GPU on its own, no split;
+    the partials stay under their byte cap."""
+    from triton_ops import moe as tm
+
+    cpu = torch.device("cpu")
+    split = lambda pairs, e, n_tiles, k_tiles, bn=128: tm.gate_up_split_k(pairs, e, 16, bn, n_tiles, k_tiles, cpu)
+    assert split(8, 160, 2, 40) == 10  # GLM-4.5 TP8, FP8 (H = 5120: 40 K tiles)
+    assert split(8, 128, 2, 32) == 8  # Air TP8 (H = 4096): capped by 4 K tiles per slice
+    assert split(8, 160, 12, 40) == 3  # TP1 (I = 1536)
+    assert split(8 * 64, 160, 2, 40) == 1  # 64 tokens: enough programs
+    assert split(8, 160, 2, 7) == 1  # too short a K loop to cut
+    big = split(64, 2, 1, 4096, bn=2**14)  # few programs, huge partials
+    assert big * 64 * 2 * 2**14 * 4 <= tm.SPLIT_K_MAX_BYTES
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_split_k_gate_up_matches_the_reference(gen, device, splits, fp8, monkeypatch):
+    """The split gate-up GEMM (forced; 5 K tiles: uneven slices, and 7 splits leave some empty
+    ones to drop) and its SwiGLU/quantize pass against the reference and the float64 loop, at
+    I = 192 (a partial tile), with a remote expert and all of one token's slots on one expert."""
+    from glm45_ops.quant import dequant_fp8, per_block_quant_fp8
+    from triton_ops import moe as tm
+
+    monkeypatch.setattr(tm, "gate_up_split_k", lambda *a: splits)
+    x, w13, w2, wts, ids = make(5, 5 * (128 if fp8 else 64) - 16, 192, 6, 3, torch.float32, gen)
+    ids[1] = 4
+    ids[2, 0] = -1
+    if fp8:
+        (w13, s13), (w2, s2) = per_block_quant_fp8(w13), per_block_quant_fp8(w2)
+        deq = [dequant_fp8(q, s, 128, 128, torch.float32) for q, s in ((w13, s13), (w2, s2))]
+    else:
+        w13, w2, s13, s2 = w13.bfloat16(), w2.bfloat16(), None, None
+        deq = [w13.float(), w2.float()]
+    args = (x.bfloat16(), w13, w2, wts, ids, s13, s2)
+    with poisoned_outputs():
+        got = moe.fused_moe(*(_to(v, device) for v in args), backend="triton").cpu()
+    op = glm45_ops.registered_ops()["fused_moe"]
+    why = outputs_differ(got, moe.fused_moe(*args, backend="torch"), op, args)
+    assert why is None, why
+    if not fp8:
+        assert calc_diff(got, moe_oracle(args[0], *deq, wts, ids)) < 1e-4
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_split_k_with_a_tensor_parallel_shard(gen, device, monkeypatch):
+    """The split path on a block-FP8 shard starting inside a scale block (i_offset, one scale
+    per w13 row): the reference on the same shard."""
+    from glm45_ops.moe.shard import shard_fp8_experts
+    from glm45_ops.quant import per_block_quant_fp8
+    from triton_ops import moe as tm
+
+    monkeypatch.setattr(tm, "gate_up_split_k", lambda *a: 2)
+    x, w13, w2, wts, ids = make(3, 512, 384, 3, 2, torch.float32, gen)
+    (q13, s13), (q2, s2) = per_block_quant_fp8(w13), per_block_quant_fp8(w2)
+    sh = shard_fp8_experts(q13, s13, q2, s2, 2, 1)
+    assert sh.i_offset
+    args = (x.bfloat16(), sh.w13, sh.w2, wts, ids, sh.w13_scale, sh.w2_scale, sh.i_offset)
+    got = moe.fused_moe(*(_to(v, device) for v in args), backend="triton").cpu()
+    why = outputs_differ(got, moe.fused_moe(*args, backend="torch"), glm45_ops.registered_ops()["fused_moe"], args)
+    assert why is None, why

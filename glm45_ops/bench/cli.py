@@ -2,7 +2,7 @@
 
     glm45-bench <family> [--preset P] [--backends torch,triton,cuda,PEER,...] [--cases SUBSTR,...]
                          [--refcheck] [--json PATH] [--csv PATH] [--plot PNG] [--iters N]
-                         [--ceilings FILE]
+                         [--ceilings FILE] [--eager]
     glm45-bench all ...              every family (a module in glm45_ops/bench/cases/)
     glm45-bench ceilings [--json P]  measure copy bandwidth and bf16/fp8 matmul on this GPU
     glm45-bench compile-report [--json P] [--families F,...]  AOT-compile Triton kernels for sm_90a
@@ -16,6 +16,11 @@ before anything runs: a backend that is neither ours nor a peer of the chosen fa
 written, an unreadable or malformed ``--ceilings`` file or an unknown ``--families`` name exits
 2 with one line on stderr, as argparse does. The exit code is 1 when one of our backends errors
 or fails its refcheck, or a family's case module is broken.
+
+On a GPU each row times the replay of a CUDA graph of the call (``bench/timing.py``: kernels,
+not Python dispatch), unless ``--eager``; a call that syncs the host or cannot be captured is
+timed eagerly, marked ``*`` in the table with the reason below it, and one of our backends so
+marked is reported (``NOT GRAPH-SAFE``): our ops must stay CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -108,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--csv", type=_output_path, help="write results to this CSV file")
     bench.add_argument("--plot", type=_output_path, help="draw a roofline chart to this PNG")
     bench.add_argument("--iters", type=_positive_int, help="timed calls per row on CPU (GPU: do_bench's 100 ms window)")
+    bench.add_argument("--eager", action="store_true",
+                       help="GPU: time the calls themselves, not a CUDA graph's replay of them (includes Python launch cost)")
     bench.add_argument("--ceilings", type=_ceilings_file, metavar="FILE",
                        help="ceilings measured by `glm45-bench ceilings --json FILE` (default: the H200 "
                             "numbers in roofline.py, not measured by this project)")
@@ -248,7 +255,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             offered.update(case.all_backends)
             for b in case.all_backends:
                 if not wanted or b in wanted:
-                    rows.append(run_case(case, b, device, refcheck=args.refcheck, iters=args.iters,
+                    rows.append(run_case(case, b, device, refcheck=args.refcheck, iters=args.iters, cuda_graph=not args.eager,
                                          ceilings=ceilings, repro=repro))
                     r = rows[-1]
                     brief = "skip (as above)" if r.status == "skip" and r.reason in skip_reasons else report.brief(r)
@@ -276,7 +283,11 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
               and (r.status == "error" or r.refcheck.startswith(("FAIL", "error")))]
     for r in failed:
         print(f"FAILED: {r.case} [{r.backend}]: {r.reason or r.refcheck}")
-    return 1 if failed or broken else 0
+    # the torch backend is the definition (it may sync); the kernels must not
+    unsafe = [r for r in results if r.backend in ("triton", "cuda") and report.eager_fallback(r)]
+    for r in unsafe:
+        print(f"NOT GRAPH-SAFE: {r.case} [{r.backend}]: {report.eager_fallback(r)}")
+    return 1 if failed or unsafe or broken else 0
 
 
 def _print_info() -> int:

@@ -20,10 +20,19 @@ def _rate(v: float | None) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
 
+def eager_fallback(r: Result) -> str | None:
+    """Why a GPU row was timed eagerly although CUDA graphs were asked for (None: it was not)."""
+    from glm45_ops.bench.timing import EAGER
+
+    if r.status != "ok" or not r.timing.startswith(EAGER) or "as asked" in r.timing:
+        return None
+    return r.timing.removeprefix(EAGER + ": ").split(";")[0]
+
+
 def _cells(r: Result) -> tuple[str, ...]:
     if r.status != "ok":
         return (r.case, r.shape, r.backend, f"{r.status}: {r.reason}", "", "", "", "")
-    timing = f"{r.median_us:,.1f} ({r.p20_us:,.1f}/{r.p80_us:,.1f})"
+    timing = f"{r.median_us:,.1f} ({r.p20_us:,.1f}/{r.p80_us:,.1f})" + (" *" if eager_fallback(r) else "")
     pct = "n/a (CPU)" if r.pct_of_roofline is None else f"{r.pct_of_roofline:.1f}% {r.roofline.split(':')[0]}"
     return (r.case, r.shape, r.backend, timing, _rate(r.gbps), _rate(r.tflops), pct, r.refcheck)
 
@@ -49,6 +58,13 @@ def table(results: Iterable[Result]) -> str:
             skips[(r.backend, r.reason)].append(r.case)
     for (backend, reason), cases in skips.items():
         lines.append(f"skipped {backend} on {len(cases)} case(s): {reason}")
+    eager: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for r in shown:
+        why = eager_fallback(r)
+        if why:
+            eager[(r.backend, why)].append(r.case)
+    for (backend, why), cases in eager.items():
+        lines.append(f"* timed eagerly, {backend} on {len(cases)} case(s): {why}")
     return "\n".join(lines)
 
 

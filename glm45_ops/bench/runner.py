@@ -94,6 +94,7 @@ def run_case(
     *,
     refcheck: bool,
     iters: int | None,
+    cuda_graph: bool = True,
     ceilings: dict[str, roofline.Ceiling],
     repro: Callable[[Case, list[str]], str],
 ) -> Result:
@@ -105,7 +106,7 @@ def run_case(
         fn = case.make(backend, device, _gen(device))
         if refcheck:
             res.refcheck = _refcheck(case, backend, fn(), device)
-        t = time_fn(fn, device, iters)
+        t = time_fn(fn, device, iters, cuda_graph)
         if case.report is not None and backend == case.reference:
             res.params = {**case.params, **case.report(device, _gen(device))}
     except Skip as e:

@@ -8,8 +8,9 @@ the fastest correct ones as vLLM-format tables (:mod:`triton_ops.moe_configs`).
 One file per (preset, layout, dtype): TPn holds every expert at ``I/n`` wide, EP8 an eighth of
 the experts at full ``I`` (tokens routed over all of them, as the benchmark cases do). For each
 batch size M every candidate of :func:`search_space` runs ``glm45_ops.moe.fused_moe`` (Triton)
-under :func:`triton_ops.moe_configs.override`, timed with ``triton.testing.do_bench`` (L2 flushed),
-on random inputs (:func:`problem_inputs`); the fastest whose output passes the op's own ``compare``
+under :func:`triton_ops.moe_configs.override`, captured as a CUDA graph whose replay
+``triton.testing.do_bench`` times (L2 flushed; small M would otherwise time Python dispatch, the
+same for every candidate), on random inputs (:func:`problem_inputs`); the fastest whose output passes the op's own ``compare``
 against the torch reference wins. Provenance (device, date, versions, command, times, speed-up
 over the heuristic default) goes to the directory's ``provenance.json``, never into the table.
 
@@ -270,9 +271,12 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
     written = 0
 
     def gpu_timer(fn: Callable[[], Any]) -> float:
-        from glm45_ops.bench.timing import time_gpu
+        from glm45_ops.bench.timing import EAGER, time_gpu
 
-        return time_gpu(fn, args.rep_ms, WARMUP_MS).median_us
+        t = time_gpu(fn, args.rep_ms, WARMUP_MS)
+        if t.method.startswith(EAGER):  # the kernels are graph-safe: candidates must be timed alike
+            raise TuneAbort(f"fused_moe could not be timed as a CUDA graph ({t.method})")
+        return t.median_us
 
     try:
         for name, layout, dt in itertools.product(dict.fromkeys(args.preset), dict.fromkeys(args.layouts),
@@ -300,7 +304,8 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
                 table = {m: b.config for m, b in results.items()}
                 prov = tuned_provenance(results, device=torch.cuda.get_device_name(), command=command, model=model,
                                         layout=lay, dtype=dt, candidates=len(candidates),
-                                        method=f"triton.testing.do_bench(rep={args.rep_ms}ms, L2 flushed), median")
+                                        method=f"CUDA graph replay, triton.testing.do_bench(rep={args.rep_ms}ms, "
+                                               "L2 flushed), median")
             mc.write_table(args.out, fname, table, prov)
             written += 1
     except TuneAbort as e:

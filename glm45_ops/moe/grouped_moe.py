@@ -51,7 +51,9 @@ def expert_offsets(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     the device, no host sync."""
     ids = topk_ids.reshape(-1).long()
     valid = (ids >= 0) & (ids < num_experts)
-    counts = torch.bincount(torch.where(valid, ids, num_experts), minlength=num_experts + 1)[:num_experts]
+    # scatter_add_, not bincount: CUDA's bincount reads the ids' max on the host to size its output
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device).scatter_add_(
+        0, torch.where(valid, ids, num_experts), torch.ones_like(ids))[:num_experts]
     return torch.cat((counts.new_zeros(1), counts.cumsum(0))).to(torch.int32)
 
 

@@ -25,8 +25,9 @@ def _case(gen, t, h, inter, e, k, fp8=False, ids_lo=0, ids_hi=None, one_expert=F
         ids = torch.full((t, k), e - 1, dtype=torch.int32)
     elif ids_hi is None:
         ids = torch.rand(t, e, generator=gen).topk(k, dim=1).indices.to(torch.int32)
-    else:  # expert parallelism: ids of other ranks' experts (outside [0, E)) are left out
+    else:  # expert parallelism: slots of other ranks' experts are -1, left out
         ids = torch.randint(ids_lo, ids_hi, (t, k), generator=gen, dtype=torch.int32)
+        ids = torch.where((ids >= 0) & (ids < e), ids, -1)
     wts = torch.rand(t, k, generator=gen)
     if fp8:
         (w13, s13), (w2, s2) = (per_block_quant_fp8_ref(w, QUANT_GROUP, 1e-4, False) for w in (w13, w2))

@@ -8,6 +8,8 @@ File name (vLLM's ``get_config_file_name``; SGLang's is the same)::
 
 ``E`` is the experts one rank holds (``w2.shape[0]``), ``N`` the intermediate size per shard
 (``w2.shape[2]``: GLM-4.5 at TP8 is ``N=192``); BF16/FP16 tables have no dtype part, as in vLLM.
+``glm45_ops.moe.MoE`` with its shared expert fused in runs ``E + 1`` experts (GLM-4.5: ``E=161``,
+SGLang's name for the same tables), top-9 with the shared one always selected: tables of their own.
 The file maps M (tokens, as a string) to one config for both GEMMs::
 
     {"64": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1,
@@ -21,6 +23,11 @@ Provenance cannot live inside a file (vLLM and SGLang read every top-level key a
 so each directory has a ``provenance.json`` sidecar mapping file names to how they were made;
 :attr:`ConfigTable.description` says "tuned on <device> <date>" or "defaults, not tuned".
 
+The name has no hidden size K, though the best blocks depend on it (the issue asks for configs
+per E, N, K, M, dtype): a table whose provenance records a ``hidden_size`` other than the call's
+K was measured for another model and is not used (the heuristic is; the description says why).
+A file without provenance (vLLM's, SGLang's) is used whatever K, as they would.
+
 Foreign configs are clamped to what our kernels run (:func:`clamp_config`): vLLM's kernel
 computes one ``[BM, BN]`` tile of ``w13``, ours the gate and the up tile together (``2 BN``
 columns, twice the weight tiles in shared memory), and our FP8 path needs 128-wide N and K tiles.
@@ -29,6 +36,7 @@ columns, twice the weight tiles in shared memory), and our FP8 path needs 128-wi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -182,12 +190,14 @@ def clamp_config(config: dict[str, Any], dtype: torch.dtype | str | None,
 
 @dataclass(frozen=True)
 class ConfigTable:
-    """One file's configs by M (clamped), where it was found and how it was made."""
+    """One file's configs by M (clamped), where it was found and how it was made; ``skipped``
+    says why its configs are not used for the caller's shapes (then the heuristic is)."""
 
     configs: dict[int, dict[str, int]]
     path: pathlib.Path | None = None
     provenance: dict[str, Any] | None = None
     notes: tuple[str, ...] = field(default=())
+    skipped: str | None = None
 
     @property
     def tuned(self) -> bool:
@@ -195,7 +205,8 @@ class ConfigTable:
 
     @property
     def description(self) -> str:
-        """"tuned on <device> <date>", "defaults, not tuned", or what is known of a foreign file."""
+        """"tuned on <device> <date>", "defaults, not tuned", or what is known of a foreign file;
+        led by "not used (<why>): heuristic defaults, not tuned; " when ``skipped``."""
         if self.path is None:
             what = "no file: heuristic defaults, not tuned"
         elif self.provenance is None:
@@ -204,7 +215,16 @@ class ConfigTable:
             what = f"tuned on {self.provenance.get('device', '?')} {self.provenance.get('date', '?')}: {self.path}"
         else:
             what = f"defaults, not tuned: {self.path}"
-        return what + (f" ({len(self.notes)} clamped: {'; '.join(self.notes)})" if self.notes else "")
+        what += f" ({len(self.notes)} clamped: {'; '.join(self.notes)})" if self.notes else ""
+        return f"not used ({self.skipped}): heuristic defaults, not tuned; table: {what}" if self.skipped else what
+
+    def for_hidden_size(self, K: int | None) -> "ConfigTable":
+        """This table, marked ``skipped`` when its provenance records a ``hidden_size`` other than
+        ``K`` (None: no K to check against)."""
+        made = (self.provenance or {}).get("hidden_size")
+        if K is None or made is None or made == K:
+            return self
+        return dataclasses.replace(self, skipped=f"made for hidden size {made}, not {K}")
 
     def lookup(self, M: int) -> dict[str, int]:
         """vLLM's rule: the entry whose M is nearest, ties to the smaller."""
@@ -257,20 +277,25 @@ def _find(user_dir: str, E: int, N: int, dtype: str | None, block_shape: tuple[i
 
 
 def load_table(E: int, N: int, dtype: torch.dtype | str | None, block_shape=None,
-               device_name: str | None = None) -> ConfigTable | None:
+               device_name: str | None = None, K: int | None = None) -> ConfigTable | None:
     """The first table found for these shapes on ``device_name`` (default: this GPU), or None
-    (no GPU, or no file). Each file is read once per process (and value of the variable)."""
+    (no GPU, or no file); given the hidden size ``K``, marked ``skipped`` where its provenance
+    says it was made for another (:meth:`ConfigTable.for_hidden_size`). Each file is read once
+    per process (and value of the variable)."""
     sel = dtype_selector(dtype)
     shape = _block_shape(sel, block_shape)
     name = device_name or gpu_name()
     if name is None:
         return None
-    return _find(os.environ.get(ENV_DIR, ""), E, N, sel, shape, name)
+    table = _find(os.environ.get(ENV_DIR, ""), E, N, sel, shape, name)
+    return None if table is None else table.for_hidden_size(K)
 
 
-def describe(E: int, N: int, dtype: torch.dtype | str | None, block_shape=None, device_name: str | None = None) -> str:
-    """Where :func:`get_config`'s answers for these shapes come from, in one line."""
-    table = load_table(E, N, dtype, block_shape, device_name)
+def describe(E: int, N: int, dtype: torch.dtype | str | None, block_shape=None, device_name: str | None = None,
+             K: int | None = None) -> str:
+    """Where :func:`get_config`'s answers for these shapes (and hidden size ``K``, when given)
+    come from, in one line."""
+    table = load_table(E, N, dtype, block_shape, device_name, K)
     return (table or ConfigTable({})).description
 
 
@@ -295,16 +320,17 @@ def get_config(E: int, N: int, K: int, M: int, dtype: torch.dtype | str | None, 
                device_name: str | None = None, top_k: int = GLM_TOP_K) -> dict[str, int]:
     """The config for M tokens through ``E`` local experts of intermediate width ``N`` (per
     shard) and hidden size ``K``: an active :func:`override`, else the nearest entry of the
-    first table found (:func:`load_table`), else :func:`default_config`. Keys as vLLM's
-    (:data:`KEYS`); always within :func:`clamp_config`'s limits for ``dtype``."""
+    first table found (:func:`load_table`) unless its provenance names another hidden size,
+    else :func:`default_config`. Keys as vLLM's (:data:`KEYS`); always within
+    :func:`clamp_config`'s limits for ``dtype``."""
     sel = dtype_selector(dtype)
     _block_shape(sel, block_shape)
     if _OVERRIDES:
         active = _OVERRIDES[-1]
         active["hits"]["calls"] += 1
         return clamp_config(active["config"], sel, where="override")[0]
-    table = load_table(E, N, sel, block_shape, device_name)
-    if table is None:
+    table = load_table(E, N, sel, block_shape, device_name, K)
+    if table is None or table.skipped:
         return default_config(E, N, K, M, sel, block_shape, top_k)
     return table.lookup(M)
 

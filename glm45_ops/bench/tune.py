@@ -1,22 +1,26 @@
 """``glm45-bench tune moe``: time the fused-MoE Triton kernels' block sizes on this GPU and write
 the fastest correct ones as vLLM-format tables (:mod:`triton_ops.moe_configs`).
 
-    glm45-bench tune moe [--preset glm-4.5,glm-4.5-air] [--layouts TP1,TP2,TP4,TP8,EP8]
+    glm45-bench tune moe [--preset glm-4.5,glm-4.5-air] [--layouts TP1,...,EP8,TP1+shared,...]
                          [--dtypes bf16,fp8] [--batch-sizes 1,2,...] [--out DIR] [--rep-ms MS]
     glm45-bench tune moe --defaults --device-name NVIDIA_H200 [--out DIR]
 
 One file per (preset, layout, dtype): TPn holds every expert at ``I/n`` wide, EP8 an eighth of
-the experts at full ``I`` (tokens routed over all of them, as the benchmark cases do). For each
-batch size M every candidate of :func:`search_space` runs ``glm45_ops.moe.fused_moe`` (Triton)
-under :func:`triton_ops.moe_configs.override`, captured as a CUDA graph whose replay
+the experts at full ``I`` (tokens routed over all of them, as the benchmark cases do), and
+TPn+shared is TPn with the shared expert fused in as ``glm45_ops.moe.MoE`` runs it by default:
+``E + 1`` experts (GLM-4.5's file is ``E=161``, as SGLang names it), each token routed to top-k
+of the routed ones plus the shared one (:func:`layouts`). For each batch size M every
+candidate of :func:`search_space` runs ``glm45_ops.moe.fused_moe`` (Triton) under
+:func:`triton_ops.moe_configs.override`, captured as a CUDA graph whose replay
 ``triton.testing.do_bench`` times (L2 flushed; small M would otherwise time Python dispatch, the
-same for every candidate), on random inputs (:func:`problem_inputs`); the fastest whose output passes the op's own ``compare``
-against the torch reference wins. Provenance (device, date, versions, command, times, speed-up
-over the heuristic default) goes to the directory's ``provenance.json``, never into the table.
+same for every candidate), on random inputs (:func:`problem_inputs`); the fastest whose output
+passes the op's own ``compare`` against the torch reference wins. Provenance (device, date,
+versions, command, the hidden size and top-k it was made for, times, speed-up over the
+heuristic default) goes to the directory's ``provenance.json``, never into the table.
 
 ``--defaults`` writes :func:`triton_ops.moe_configs.default_config`'s heuristic tables instead,
 with no GPU, marked "not tuned": that is how the shipped files were made. Without a GPU and
-without ``--defaults`` the command exits 2 with one line. A full run (both presets, five
+without ``--defaults`` the command exits 2 with one line. A full run (both presets, nine
 layouts, two dtypes, 20 batch sizes) takes hours, as vLLM's tuner does: narrow it with the options.
 """
 
@@ -43,6 +47,7 @@ EP_SIZE = 8
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 DEFAULT_PRESETS = ("glm-4.5", "glm-4.5-air")
 WARMUP_MS = 5
+SHARED = "+shared"  # layout-name suffix: the shared expert fused into the routed ones
 
 
 @dataclass(frozen=True)
@@ -50,12 +55,23 @@ class Layout:
     name: str
     experts: int  # local experts: the file's E
     inter: int  # intermediate per shard: the file's N
+    shared: int = 0  # of the experts, the last ones: shared experts, every token routed to them
 
 
 def layouts(cfg: ModelConfig) -> list[Layout]:
-    """One rank's experts at TP1/2/4/8 and EP8 (the issue's coverage)."""
-    e, i = cfg.n_routed_experts, cfg.moe_intermediate_size
-    return [Layout(f"TP{tp}", e, i // tp) for tp in TP_SIZES] + [Layout(f"EP{EP_SIZE}", e // EP_SIZE, i)]
+    """One rank's experts at TP1/2/4/8 and EP8 (the issue's coverage), then, for a model with
+    ``S`` shared experts, TP1/2/4/8 with them fused in as ``MoE(fuse_shared=True)`` runs them
+    (:func:`glm45_ops.moe.layer.fuse_shared_expert`): ``E + S`` experts of ``I/n``, top ``k + S``.
+    No EP layout with them: ``ep_fused_moe`` shards the routed experts only, and ``MoE`` runs
+    without EP."""
+    e, i, s = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.n_shared_experts
+    plain = [Layout(f"TP{tp}", e, i // tp) for tp in TP_SIZES] + [Layout(f"EP{EP_SIZE}", e // EP_SIZE, i)]
+    return plain + ([Layout(f"TP{tp}{SHARED}", e + s, i // tp, s) for tp in TP_SIZES] if s else [])
+
+
+def top_k(model: ModelConfig, layout: Layout) -> int:
+    """Experts per token in ``fused_moe``'s ids: the routed top-k, plus the fused shared experts."""
+    return model.num_experts_per_tok + layout.shared
 
 
 def search_space(dtype: torch.dtype) -> list[dict[str, int]]:
@@ -133,11 +149,17 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def problem_provenance(command: str, model: ModelConfig, layout: Layout, dtype: str) -> dict[str, Any]:
+    """What a table was made for, in every entry: the loader skips a table made for another
+    ``hidden_size`` (vLLM's file names carry no K)."""
+    return {"command": command, "preset": model.name, "layout": layout.name, "dtype": dtype,
+            "hidden_size": model.hidden_size, "top_k": top_k(model, layout), "shared_experts": layout.shared}
+
+
 def tuned_provenance(results: dict[int, Best], *, device: str, command: str, model: ModelConfig, layout: Layout,
                      dtype: str, candidates: int, method: str) -> dict[str, Any]:
-    return {"tuned": True, "device": device, "date": _now(), **_versions(), "command": command,
-            "preset": model.name, "layout": layout.name, "dtype": dtype, "hidden_size": model.hidden_size,
-            "top_k": model.num_experts_per_tok, "candidates": candidates, "method": method,
+    return {"tuned": True, "device": device, "date": _now(), **_versions(),
+            **problem_provenance(command, model, layout, dtype), "candidates": candidates, "method": method,
             "time_us": {str(m): round(b.time_us, 2) for m, b in results.items()},
             "speedup_vs_default": {str(m): round(b.default_us / b.time_us, 3)
                                    for m, b in results.items() if b.default_us}}
@@ -148,9 +170,10 @@ def problem_inputs(model: ModelConfig, layout: Layout, m: int, fp8: bool, device
     """``fused_moe``'s arguments for M tokens on one rank: random activations and experts (FP8:
     quantized in 128 x 128 blocks), each token routed to top-k of all the model's experts, so an
     EP rank sees the ids of other ranks' experts too (they contribute nothing here), as the
-    benchmark cases do."""
+    benchmark cases do; with fused shared experts, routed to them too, as ``MoE`` routes."""
     from glm45_ops import quant
     from glm45_ops.bench.case import randn
+    from glm45_ops.moe.layer import append_shared_routing
 
     h, k = model.hidden_size, model.num_experts_per_tok
     x = randn((m, h), torch.bfloat16, device, gen, std=0.5)
@@ -158,6 +181,8 @@ def problem_inputs(model: ModelConfig, layout: Layout, m: int, fp8: bool, device
     w2 = randn((layout.experts, h, layout.inter), torch.bfloat16, device, gen, std=layout.inter**-0.5)
     ids = torch.rand((m, model.n_routed_experts), generator=gen, device=device).topk(k, dim=1).indices.to(torch.int32)
     wts = torch.rand((m, k), generator=gen, device=device)
+    if layout.shared:
+        wts, ids = append_shared_routing(wts, ids, model.n_routed_experts, layout.shared)
     if not fp8:
         return x, w13, w2, wts, ids
     (q13, s13), (q2, s2) = quant.per_block_quant_fp8(w13), quant.per_block_quant_fp8(w2)
@@ -233,8 +258,9 @@ def add_parser(sub) -> None:
     p.add_argument("family", choices=["moe"], help="the kernels to tune")
     p.add_argument("--preset", type=_csv(str, sorted(PRESETS)), default=list(DEFAULT_PRESETS),
                    help=f"comma list of model presets (default {','.join(DEFAULT_PRESETS)})")
-    names = [f"TP{tp}" for tp in TP_SIZES] + [f"EP{EP_SIZE}"]
-    p.add_argument("--layouts", type=_csv(str, names), default=names, help="comma list (default: all)")
+    names = [f"TP{tp}" for tp in TP_SIZES] + [f"EP{EP_SIZE}"] + [f"TP{tp}{SHARED}" for tp in TP_SIZES]
+    p.add_argument("--layouts", type=_csv(str, names), default=None,
+                   help="comma list (default: all of each preset's; +shared needs a shared expert)")
     p.add_argument("--dtypes", type=_csv(str, sorted(DTYPES)), default=list(DTYPES), help="comma list (default: all)")
     p.add_argument("--batch-sizes", type=_csv(_positive), default=list(BATCH_SIZES),
                    help="comma list of token counts M (default: vLLM's list, 8192, 16384)")
@@ -257,6 +283,20 @@ def _out_dir(args: argparse.Namespace) -> None:
         args.fail(f"argument --out: cannot write to {args.out}: {e.strerror or e}")
 
 
+def _jobs(args: argparse.Namespace) -> list[tuple[ModelConfig, Layout, str]]:
+    """(model, layout, dtype) for each table to write; exits 2 naming a layout a preset lacks."""
+    jobs = []
+    for name in dict.fromkeys(args.preset):
+        model = preset(name)
+        have = {lay.name: lay for lay in layouts(model)}
+        wanted = list(have) if args.layouts is None else list(dict.fromkeys(args.layouts))
+        missing = [lay for lay in wanted if lay not in have]
+        if missing:
+            args.fail(f"argument --layouts: {name} has no {', '.join(missing)} (no shared expert to fuse)")
+        jobs += [(model, have[lay], dt) for lay in wanted for dt in dict.fromkeys(args.dtypes)]
+    return jobs
+
+
 def main(args: argparse.Namespace, argv: list[str]) -> int:
     """Run ``glm45-bench tune`` (arguments parsed by glm45-bench's parser)."""
     if not args.defaults and not torch.cuda.is_available():
@@ -266,6 +306,7 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
     if device is None:
         args.fail("argument --device-name: required without a CUDA GPU")
     device = device.replace(" ", "_")
+    jobs = _jobs(args)
     _out_dir(args)
     command = shlex.join(["glm45-bench", *argv])
     written = 0
@@ -279,23 +320,19 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
         return t.median_us
 
     try:
-        for name, layout, dt in itertools.product(dict.fromkeys(args.preset), dict.fromkeys(args.layouts),
-                                                  dict.fromkeys(args.dtypes)):
-            model = preset(name)
-            lay = next(x for x in layouts(model) if x.name == layout)
+        for model, lay, dt in jobs:
             dtype = DTYPES[dt]
             block = mc.FP8_BLOCK_SHAPE if dt == "fp8" else None
             fname = mc.config_file_name(lay.experts, lay.inter, dtype, block, device)
-            k, top_k = model.hidden_size, model.num_experts_per_tok
+            k, slots = model.hidden_size, top_k(model, lay)
 
             def default(m: int) -> dict[str, int]:
-                return mc.default_config(lay.experts, lay.inter, k, m, dtype, block, top_k)
+                return mc.default_config(lay.experts, lay.inter, k, m, dtype, block, slots)
 
             if args.defaults:
                 table = {m: default(m) for m in args.batch_sizes}
                 prov = {"tuned": False, "source": "triton_ops.moe_configs.default_config: heuristic, not measured",
-                        "command": command, "preset": model.name, "layout": lay.name, "dtype": dt,
-                        "hidden_size": k, "top_k": top_k}
+                        **problem_provenance(command, model, lay, dt)}
             else:
                 print(f"{model.name} {lay.name} {dt}: E={lay.experts} N={lay.inter} K={k} -> {fname}", flush=True)
                 candidates = search_space(dtype)

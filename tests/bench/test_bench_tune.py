@@ -109,14 +109,18 @@ def test_tune_command_with_fake_gpu_functions(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tune, "measure_functions",
                         lambda model, layout, dtype, device, timer: (_fake_timer(lambda m: 16 if m < 100 else 64),
                                                                      lambda c, m: None))
-    argv = ["tune", "moe", "--preset", "glm-4.5-air", "--layouts", "TP8,EP8", "--dtypes", "fp8",
+    argv = ["tune", "moe", "--preset", "glm-4.5-air", "--layouts", "TP8,EP8,TP8+shared", "--dtypes", "fp8",
             "--batch-sizes", "1,4096", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
-    assert "2 tables (tuned)" in capsys.readouterr().out
+    assert "3 tables (tuned)" in capsys.readouterr().out
     prov = json.loads((tmp_path / mc.PROVENANCE_FILE).read_text())
     names = {"E=128,N=176,device_name=Fake_GPU_9000,dtype=fp8_w8a8,block_shape=[128,128].json",
-             "E=16,N=1408,device_name=Fake_GPU_9000,dtype=fp8_w8a8,block_shape=[128,128].json"}
+             "E=16,N=1408,device_name=Fake_GPU_9000,dtype=fp8_w8a8,block_shape=[128,128].json",
+             "E=129,N=176,device_name=Fake_GPU_9000,dtype=fp8_w8a8,block_shape=[128,128].json"}
     assert set(prov) == names
+    shared = prov["E=129,N=176,device_name=Fake_GPU_9000,dtype=fp8_w8a8,block_shape=[128,128].json"]
+    what = (shared["layout"], shared["top_k"], shared["shared_experts"], shared["hidden_size"])
+    assert what == ("TP8+shared", 9, 1, 4096)
     entry = prov["E=16,N=1408,device_name=Fake_GPU_9000,dtype=fp8_w8a8,block_shape=[128,128].json"]
     assert entry["tuned"] is True and entry["device"] == "Fake GPU 9000" and entry["layout"] == "EP8"
     assert entry["command"] == "glm45-bench " + " ".join(argv) and entry["top_k"] == 8
@@ -124,8 +128,38 @@ def test_tune_command_with_fake_gpu_functions(tmp_path, monkeypatch, capsys):
     assert mc.get_config(16, 1408, 4096, 3000, FP8, [128, 128], "Fake_GPU_9000")["BLOCK_SIZE_M"] == 64
 
 
+def test_layouts_include_the_fused_shared_expert_as_moe_runs_it():
+    """MoE(fuse_shared=True) runs E + 1 experts, top-k + 1: the tuner has those layouts (not at EP)
+    and its inputs route every token to the shared expert with weight 1, as the layer does."""
+    model = preset("glm-4.5")
+    got = {lay.name: (lay.experts, lay.inter, lay.shared, tune.top_k(model, lay)) for lay in tune.layouts(model)}
+    assert got == {"TP1": (160, 1536, 0, 8), "TP2": (160, 768, 0, 8), "TP4": (160, 384, 0, 8),
+                   "TP8": (160, 192, 0, 8), "EP8": (20, 1536, 0, 8), "TP1+shared": (161, 1536, 1, 9),
+                   "TP2+shared": (161, 768, 1, 9), "TP4+shared": (161, 384, 1, 9), "TP8+shared": (161, 192, 1, 9)}
+    small = preset("small")
+    lay = next(x for x in tune.layouts(small) if x.name == "TP8+shared")
+    x, w13, w2, wts, ids = tune.problem_inputs(small, lay, 5, False, torch.device("cpu"), torch.Generator())
+    e = small.n_routed_experts
+    assert w13.shape[0] == w2.shape[0] == e + 1 and ids.shape == wts.shape == (5, 3)
+    assert (ids[:, -1] == e).all() and (wts[:, -1] == 1).all()  # append_shared_routing's layout
+    routed = ids[:, :-1]
+    assert ((routed >= 0) & (routed < e)).all() and (routed.sort(1).values.diff(dim=1) > 0).all()
+
+
+def test_a_layout_the_preset_lacks_exits_2(capsys, monkeypatch):
+    import dataclasses
+
+    no_shared = dataclasses.replace(preset("small"), n_shared_experts=0)
+    monkeypatch.setattr(tune, "preset", lambda name: no_shared)
+    assert [lay.name for lay in tune.layouts(no_shared)] == ["TP1", "TP2", "TP4", "TP8", "EP8"]
+    _exits_2_with_one_line(capsys, ["tune", "moe", "--defaults", "--device-name", "X", "--preset", "small",
+                                    "--layouts", "TP8,TP8+shared"],
+                           "argument --layouts: small has no TP8+shared (no shared expert to fuse)")
+
+
+@pytest.mark.parametrize("shared", [0, 1], ids=["routed", "shared"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
-def test_measure_functions_run_the_op_under_each_candidate(dtype):
+def test_measure_functions_run_the_op_under_each_candidate(dtype, shared):
     """The GPU run's time and check functions, on the CPU (Triton in the interpreter) with a
     timer that calls once: the inputs, the override and the op's compare."""
     from conftest import cpu_backends
@@ -133,12 +167,12 @@ def test_measure_functions_run_the_op_under_each_candidate(dtype):
     if "triton" not in cpu_backends() and not torch.cuda.is_available():
         pytest.skip("Triton cannot run here")
     model = preset("small")
-    layout = tune.Layout("TP8", model.n_routed_experts, model.moe_intermediate_size // 8)
+    layout = tune.Layout("TP8", model.n_routed_experts + shared, model.moe_intermediate_size // 8, shared)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     calls = []
     time_fn, check_fn = tune.measure_functions(model, layout, dtype, device, lambda fn: (calls.append(fn()), 1.5)[1])
     cfg = mc.default_config(layout.experts, layout.inter, model.hidden_size, 3, tune.DTYPES[dtype],
-                            mc.FP8_BLOCK_SHAPE if dtype == "fp8" else None, model.num_experts_per_tok)
+                            mc.FP8_BLOCK_SHAPE if dtype == "fp8" else None, tune.top_k(model, layout))
     try:
         why = check_fn(cfg, 3)
     except tune.TuneAbort as e:
@@ -151,9 +185,10 @@ def test_measure_functions_run_the_op_under_each_candidate(dtype):
 def test_defaults_reproduce_the_shipped_untuned_tables(tmp_path, capsys):
     """The shipped files are the command's output, byte for byte, until a GPU run tunes them."""
     assert cli.main(["tune", "moe", "--defaults", "--device-name", "NVIDIA H200", "--out", str(tmp_path)]) == 0
-    assert "20 tables (heuristic defaults, not tuned)" in capsys.readouterr().out
+    # 2 presets x (TP1/2/4/8, EP8, TP1/2/4/8+shared) x 2 dtypes
+    assert "36 tables (heuristic defaults, not tuned)" in capsys.readouterr().out
     written = sorted(p.name for p in tmp_path.glob("E=*.json"))
-    assert written == sorted(p.name for p in mc.CONFIG_DIR.glob("E=*.json")) and len(written) == 20
+    assert written == sorted(p.name for p in mc.CONFIG_DIR.glob("E=*.json")) and len(written) == 36
     shipped = json.loads((mc.CONFIG_DIR / mc.PROVENANCE_FILE).read_text())
     assert set(shipped) == set(written)
     for name in written:

@@ -1,6 +1,7 @@
 """triton_ops.moe_configs: vLLM's file names and format, nearest-M lookup, $GLM45_MOE_CONFIG_DIR
-first, clamping of foreign (vLLM/SGLang) configs, provenance, the override hook, and the shipped
-tables (coverage, untuned, equal to the heuristic that the kernels used before tables)."""
+first, clamping of foreign (vLLM/SGLang) configs, provenance (and the hidden-size guard it
+allows), the override hook, and the shipped tables (coverage incl. the fused shared expert,
+untuned, equal to the heuristic that the kernels used before tables)."""
 
 import json
 import os
@@ -16,9 +17,12 @@ from triton_ops import moe_configs as mc
 H200 = "NVIDIA_H200"
 FP8 = torch.float8_e4m3fn
 BLOCK = [128, 128]
-# GLM-4.5 and Air at TP1/2/4/8 and EP8: (E, N), the issue's coverage
+# GLM-4.5 and Air at TP1/2/4/8 and EP8: (E, N), the issue's coverage; then TP1/2/4/8 with the
+# shared expert fused in (E + 1), which is how MoE runs by default
 SHIPPED_SHAPES = [(160, 1536), (160, 768), (160, 384), (160, 192), (20, 1536),
-                  (128, 1408), (128, 704), (128, 352), (128, 176), (16, 1408)]
+                  (128, 1408), (128, 704), (128, 352), (128, 176), (16, 1408),
+                  (161, 1536), (161, 768), (161, 384), (161, 192),
+                  (129, 1408), (129, 704), (129, 352), (129, 176)]
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU fallback")
 
 
@@ -97,7 +101,51 @@ def test_shipped_tables_cover_glm45_and_air_and_say_how_they_were_made(monkeypat
         assert table.provenance["tuned"] is False
         assert mc.describe(e, n, dtype, block, H200).startswith("defaults, not tuned: ")
         for m, cfg in raw.items():
-            assert cfg == mc.default_config(e, n, table.provenance["hidden_size"], int(m), dtype, block)
+            assert cfg == mc.default_config(e, n, table.provenance["hidden_size"], int(m), dtype, block,
+                                            table.provenance["top_k"])
+
+
+@pytest.mark.parametrize("name", ["glm-4.5", "glm-4.5-air"])
+@pytest.mark.parametrize("tp", [1, 8])
+def test_the_layer_as_built_finds_a_shipped_table(monkeypatch, name, tp):
+    """MoE (fuse_shared=True by default) runs fused_moe over E + 1 experts, top-k + 1, at the
+    model's hidden size: the table it asks for exists, was made for that K and top-k, and is used."""
+    from glm45_ops.config import preset
+    from glm45_ops.moe import MoE
+
+    monkeypatch.delenv(mc.ENV_DIR, raising=False)
+    cfg = preset(name)
+    assert MoE.__init__.__kwdefaults__["fuse_shared"] is True
+    e, n, k = cfg.n_routed_experts + cfg.n_shared_experts, cfg.moe_intermediate_size // tp, cfg.hidden_size
+    for dtype, block in ((torch.bfloat16, None), (FP8, BLOCK)):
+        table = mc.load_table(e, n, dtype, block, H200, K=k)
+        assert table is not None and not table.skipped, (e, n, dtype)
+        assert table.provenance["top_k"] == cfg.num_experts_per_tok + cfg.n_shared_experts
+        assert table.provenance["shared_experts"] == cfg.n_shared_experts
+        assert mc.get_config(e, n, k, 64, dtype, block, H200, top_k=9) == table.lookup(64)
+
+
+def test_a_table_made_for_another_hidden_size_is_not_used(user_dir):
+    """vLLM's names carry no K: a table whose provenance names another hidden size falls back to
+    the heuristic, and the description says why; one without provenance is used for any K."""
+    name = mc.config_file_name(160, 192, FP8, BLOCK, H200)
+    tuned = _cfg(bm=32, bn=128, bk=128, warps=4, stages=4)
+    mc.write_table(user_dir, name, {1: tuned}, {"tuned": True, "device": "NVIDIA H200", "date": "2026-12-01",
+                                                "hidden_size": 5120})
+    assert mc.get_config(160, 192, 5120, 1, FP8, BLOCK, H200) == tuned
+    assert mc.describe(160, 192, FP8, BLOCK, H200, K=5120).startswith("tuned on NVIDIA H200 2026-12-01")
+    assert mc.get_config(160, 192, 4096, 1, FP8, BLOCK, H200) == mc.default_config(160, 192, 4096, 1, FP8, BLOCK)
+    table = mc.load_table(160, 192, FP8, BLOCK, H200, K=4096)
+    assert table.skipped == "made for hidden size 5120, not 4096" and table.path == user_dir / name
+    assert table.description == (f"not used (made for hidden size 5120, not 4096): heuristic defaults, not tuned; "
+                                 f"table: tuned on NVIDIA H200 2026-12-01: {user_dir / name}")
+    assert mc.describe(160, 192, FP8, BLOCK, H200, K=4096) == table.description
+    assert not mc.load_table(160, 192, FP8, BLOCK, H200).skipped  # no K given: nothing to check against
+
+    (user_dir / mc.PROVENANCE_FILE).unlink()  # the same file as dropped in from vLLM: used for any K
+    mc._find.cache_clear()
+    assert mc.get_config(160, 192, 4096, 1, FP8, BLOCK, H200) == tuned
+    assert mc.describe(160, 192, FP8, BLOCK, H200, K=4096).startswith("no provenance entry")
 
 
 def test_nearest_m_lookup_ties_to_the_smaller(user_dir):

@@ -2,7 +2,7 @@
 
     glm45-bench <family> [--preset P] [--backends torch,triton,cuda,PEER,...] [--cases SUBSTR,...]
                          [--refcheck] [--json PATH] [--csv PATH] [--plot PNG] [--iters N]
-                         [--ceilings FILE] [--eager]
+                         [--ceilings FILE] [--tokens T,...] [--eager]
     glm45-bench all ...              every family (a module in glm45_ops/bench/cases/)
     glm45-bench ceilings [--json P]  measure copy bandwidth and bf16/fp8 matmul on this GPU
     glm45-bench compile-report [--json P] [--families F,...]  AOT-compile Triton kernels for sm_90a
@@ -12,7 +12,7 @@
 Without a GPU it still runs (torch backend, plus triton when TRITON_INTERPRET=1, on the
 ``small`` preset), says that the timings are CPU timings, and exits 0. Arguments are checked
 before anything runs: a backend that is neither ours nor a peer of the chosen families, a
-``--cases`` pattern that matches no case, ``--iters`` below 1, an output path that cannot be
+``--cases`` pattern that matches no case, ``--iters`` or a ``--tokens`` count below 1, an output path that cannot be
 written, an unreadable or malformed ``--ceilings`` file or an unknown ``--families`` name exits
 2 with one line on stderr, as argparse does. The exit code is 1 when one of our backends errors
 or fails its refcheck, or a family's case module is broken.
@@ -65,6 +65,15 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _token_counts(text: str) -> tuple[int, ...]:
+    """``--tokens 16384,4096,1``: distinct positive counts, largest first (cases take the first
+    as the prefill size)."""
+    counts = [_positive_int(t) for t in text.split(",") if t.strip()]
+    if not counts:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}")
+    return tuple(sorted(set(counts), reverse=True))
+
+
 def _output_path(path: str) -> str:
     """A path we can write results to, checked before anything runs (a long run must not fail
     at its end for want of a directory). Opening is the only check that holds for every user
@@ -113,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--csv", type=_output_path, help="write results to this CSV file")
     bench.add_argument("--plot", type=_output_path, help="draw a roofline chart to this PNG")
     bench.add_argument("--iters", type=_positive_int, help="timed calls per row on CPU (GPU: do_bench's 100 ms window)")
+    bench.add_argument("--tokens", type=_token_counts, metavar="T,T,...",
+                       help=f"token counts to sweep (GPU default {','.join(map(str, PREFILL_AND_DECODE_TOKENS))}; "
+                            f"CPU default {','.join(map(str, CPU_TOKENS))})")
     bench.add_argument("--eager", action="store_true",
                        help="GPU: time the calls themselves, not a CUDA graph's replay of them (includes Python launch cost)")
     bench.add_argument("--ceilings", type=_ceilings_file, metavar="FILE",
@@ -214,7 +226,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     device = _device()
     on_gpu = device.type == "cuda"
     model = preset((args.preset or "glm-4.5") if on_gpu else "small")
-    ctx = BenchContext(model, device, PREFILL_AND_DECODE_TOKENS if on_gpu and model.name != "small" else CPU_TOKENS)
+    tokens = args.tokens or (PREFILL_AND_DECODE_TOKENS if on_gpu and model.name != "small" else CPU_TOKENS)
+    ctx = BenchContext(model, device, tokens)
     chosen, broken = _load_cases(args, ctx)
     if not on_gpu:
         print(CPU_BANNER.format(triton=" and Triton in the interpreter" if _interpreting() else ""))

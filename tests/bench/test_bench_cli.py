@@ -177,6 +177,8 @@ BAD_ARGS = {
     "unknown backend": (["quant", "--backends", "torch,bogus"], "argument --backends: 'bogus'"),
     "pattern matching nothing": (["quant", "--cases", "per_block,zzz"], "argument --cases: 'zzz' matches no case"),
     "zero iters": (["quant", "--iters", "0"], "argument --iters: must be at least 1"),
+    "zero tokens": (["quant", "--tokens", "64,0"], "argument --tokens: must be at least 1"),
+    "tokens not a list": (["quant", "--tokens", ","], "argument --tokens: expected a comma list"),
     "json in a missing directory": (["quant", "--json", "{tmp}/no/r.json"], "argument --json: cannot write"),
     "csv onto a directory": (["quant", "--csv", "{tmp}"], "argument --csv: cannot write"),
     "plot in a missing directory": (["all", "--plot", "{tmp}/no/r.png"], "argument --plot: cannot write"),
@@ -284,3 +286,23 @@ def test_case_report_is_printed_and_recorded(tmp_path, capsys):
     row = json.loads(out.read_text())["results"][0]
     assert {"kl_k1", "kl_k3", "ppl_ratio", "clip_frac", "max_ratio"} <= set(row["params"])
     assert 0.5 < row["params"]["ppl_ratio"] < 2
+
+
+def test_tokens_choose_the_sweep(capsys):
+    """--tokens replaces the preset sweep, largest first (the cases' prefill size)."""
+    assert cli.main(["moe", "--cases", "moe_route", "--tokens", "3,17,3", "--backends", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens: [17, 3]" in out and "moe_route T=17" in out and "moe_route T=3" in out and "T=64" not in out
+
+
+def test_deep_gemm_layout_pads_each_group():
+    """The deep_gemm peer's layout: groups of 3, 0, 130 and 1 rows at multiples of 128, padding -1."""
+    from glm45_ops.bench.cases.moe import deep_gemm_layout
+
+    offsets = torch.tensor([0, 3, 3, 133, 134], dtype=torch.int32)
+    dst, m_indices = deep_gemm_layout(offsets, 134, 128)
+    assert m_indices.numel() == 128 + 256 + 128
+    assert dst[:3].tolist() == [0, 1, 2] and dst[3].item() == 128 and dst[132].item() == 257 and dst[133].item() == 384
+    want = torch.full((512,), -1, dtype=torch.int32)
+    want[:3], want[128:258], want[384] = 0, 2, 3
+    assert torch.equal(m_indices, want)

@@ -13,8 +13,9 @@
   (``I/8``: 192 for GLM-4.5, the width vLLM's block-FP8 path refuses) and EP8 (``E/8`` local
   experts, full ``I``; the routing spreads over all ``E``, so a rank gets ``k/8`` of each token's
   slots on average), BF16 and FP8 blocks, for every ``T``. FLOPs count the pairs a rank computes
-  (``6 H I`` each); ``bytes_moved`` counts the weights of the experts the routing is expected to hit
-  (``E (1 - (1 - k/E)^T)`` of them) plus activations: decode is weight-bound (target >= 70% of
+  (``6 H I`` each); ``bytes_moved`` counts the weights of the experts the case's routing hits (drawn on
+  the CPU when the case is built, so the count is exact: ``experts_hit`` in its params) plus
+  activations: decode is weight-bound (target >= 70% of
   HBM bandwidth), prefill FP8-compute-bound (target >= 1000 TFLOP/s and 1.3x the peer). Peer:
   ``torch._grouped_mm`` in BF16 over the same routing (sort, two grouped GEMMs, SwiGLU, weighted
   scatter), on a GPU; and ``fused_moe_grouped`` ("grouped GEMMs": the permutation, the grouped GEMM
@@ -40,7 +41,8 @@ import functools
 import torch
 
 from glm45_ops import moe
-from glm45_ops.bench.case import BenchContext, Case, Skip, compile_peer, gpu_only, op_runner, randn, smoke
+from glm45_ops.bench.case import (BenchContext, Case, Skip, compile_peer, gpu_only, op_runner, peer_import, randn,
+                                  smoke)
 from glm45_ops.config import ModelConfig
 from glm45_ops.reference import moe_routing as ref
 
@@ -100,6 +102,26 @@ def _align_case(cfg: ModelConfig, t: int, block: int) -> Case:
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _routing(t: int, e: int, k: int) -> torch.Tensor:
+    """int32 ``[t, k]`` ids of ``k`` distinct experts of ``e`` per token, drawn on the CPU from a
+    seed of the shape: the case knows exactly which experts its inputs hit (the bytes it must
+    move) before any device has made them."""
+    gen = torch.Generator().manual_seed(t * 1009 + e * 31 + k)
+    return torch.rand((t, e), generator=gen).topk(k, dim=1).indices.to(torch.int32)
+
+
+def _local(ids: torch.Tensor, local_e: int) -> torch.Tensor:
+    """One rank's view of global ids under expert parallelism (rank 0 holds experts
+    ``[0, local_e)``): the slots of other ranks' experts become -1 (skipped)."""
+    return torch.where(ids < local_e, ids, -1)
+
+
+def _hit(ids: torch.Tensor) -> int:
+    """Distinct experts ``ids`` route to (-1 left out)."""
+    return int(ids[ids >= 0].unique().numel())
+
+
 def _layouts(cfg: ModelConfig) -> list[tuple[str, int, int]]:
     """``(name, local experts, intermediate)`` of one rank: TP1, TP8 and EP8."""
     e, i = cfg.n_routed_experts, cfg.moe_intermediate_size
@@ -135,6 +157,20 @@ def _grouped_mm_peer(device, gen, x, w13, w2, wts, ids, *scales):
     return smoke("torch._grouped_mm", run)
 
 
+def _flashinfer_peer(device, gen, x, w13, w2, wts, ids, *scales):
+    """FlashInfer's CUTLASS fused MoE (``flashinfer.fused_moe.cutlass_fused_moe``), BF16 only:
+    its FP8 block-scale path takes another weight-scale layout and is not wired here. Slots of
+    other ranks' experts (-1) get weight 0 on expert 0, which computes them as we skip them."""
+    gpu_only("flashinfer", device)
+    if scales and scales[0] is not None:
+        raise Skip("flashinfer peer: BF16 weights only (its DeepSeek FP8 block-scale path is not wired)")
+    fn = peer_import("flashinfer", "flashinfer.fused_moe", "cutlass_fused_moe")
+    local = ids >= 0
+    ids_fi = torch.where(local, ids, 0).int().contiguous()
+    wts_fi = torch.where(local, wts, 0.0).float().contiguous()
+    return smoke("flashinfer", lambda: fn(x, ids_fi, wts_fi, w13, w2, x.dtype, quant_scales=[]))
+
+
 def _grouped_path_peer(device, gen, *args):
     """fused_moe_grouped on the auto backend (CUDA: CUTLASS grouped GEMMs)."""
     gpu_only("grouped GEMMs", device)
@@ -146,20 +182,22 @@ def _fused_case(cfg: ModelConfig, t: int, layout: str, local_e: int, inter: int,
 
     h, e, k = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
 
+    # routed over all E experts: an EP8 rank computes the slots of its own (k/8 per token on average)
+    local_ids = _local(_routing(t, e, k), local_e)
+
     def inputs(device: torch.device, gen: torch.Generator):
         x = randn((t, h), torch.bfloat16, device, gen, std=0.5)
         w13 = randn((local_e, 2 * inter, h), torch.bfloat16, device, gen, std=h**-0.5)
         w2 = randn((local_e, h, inter), torch.bfloat16, device, gen, std=inter**-0.5)
-        scores = torch.rand((t, e), generator=gen, device=device)
-        ids = scores.topk(k, dim=1).indices.to(torch.int32)  # global ids: EP8 ranks see k/8 of them on average
+        ids = local_ids.to(device)
         wts = torch.rand((t, k), generator=gen, device=device)
         if not fp8:
             return x, w13, w2, wts, ids
         (q13, s13), (q2, s2) = quant.per_block_quant_fp8(w13), quant.per_block_quant_fp8(w2)
         return x, q13, q2, wts, ids, s13, s2
 
-    pairs = t * k * local_e / e
-    hit = local_e * (1 - (1 - k / e) ** t)
+    pairs = int((local_ids >= 0).sum())
+    hit = _hit(local_ids)  # the weights of exactly these experts are read
     wbytes = 1 if fp8 else 2
     return Case(
         family=FAMILY,
@@ -170,8 +208,8 @@ def _fused_case(cfg: ModelConfig, t: int, layout: str, local_e: int, inter: int,
         bytes_moved=int(hit * 3 * inter * h * wbytes + 2 * t * h * 2),
         flops=int(6 * pairs * h * inter),
         roofline="memory" if t <= 64 else ("compute:fp8" if fp8 else "compute:bf16"),
-        peers={"torch._grouped_mm": _grouped_mm_peer, "grouped GEMMs": _grouped_path_peer},
-        params={"T": t, "layout": layout, "E_local": local_e, "I": inter, "fp8": fp8},
+        peers={"torch._grouped_mm": _grouped_mm_peer, "grouped GEMMs": _grouped_path_peer, "flashinfer": _flashinfer_peer},
+        params={"T": t, "layout": layout, "E_local": local_e, "I": inter, "fp8": fp8, "experts_hit": hit, "pairs": pairs},
     )
 
 
@@ -188,8 +226,7 @@ def _shared_case(cfg: ModelConfig, t: int, inter: int, fp8: bool) -> Case:
         x = randn((t, h), torch.bfloat16, device, gen, std=0.5)
         w13 = randn((e + 1, 2 * inter, h), torch.bfloat16, device, gen, std=h**-0.5)  # expert e: the shared one
         w2 = randn((e + 1, h, inter), torch.bfloat16, device, gen, std=inter**-0.5)
-        ids = torch.rand((t, e), generator=gen, device=device).topk(k, dim=1).indices.to(torch.int32)
-        wts, ids = append_shared_routing(torch.rand((t, k), generator=gen, device=device), ids, e)
+        wts, ids = append_shared_routing(torch.rand((t, k), generator=gen, device=device), _routing(t, e, k).to(device), e)
         if not fp8:
             return x, w13, w2, wts, ids
         (q13, s13), (q2, s2) = quant.per_block_quant_fp8(w13), quant.per_block_quant_fp8(w2)
@@ -201,7 +238,7 @@ def _shared_case(cfg: ModelConfig, t: int, inter: int, fp8: bool) -> Case:
                         + shared_expert(x, w13[e], w2[e], None if s13 is None else s13[e],
                                         None if s2 is None else s2[e]))
 
-    hit = e * (1 - (1 - k / e) ** t) + 1
+    hit = _hit(_routing(t, e, k)) + 1
     return Case(
         family=FAMILY,
         name=f"fused_moe +shared TP8 {'fp8' if fp8 else 'bf16'} T={t}",
@@ -212,14 +249,8 @@ def _shared_case(cfg: ModelConfig, t: int, inter: int, fp8: bool) -> Case:
         flops=int(6 * t * (k + 1) * h * inter),
         roofline="memory" if t <= 64 else ("compute:fp8" if fp8 else "compute:bf16"),
         peers={"separate shared": separate},
-        params={"T": t, "E": e + 1, "I": inter, "fp8": fp8, "shared": "fused"},
+        params={"T": t, "E": e + 1, "I": inter, "fp8": fp8, "shared": "fused", "experts_hit": hit},
     )
-
-
-def _group_offsets(t: int, k: int, e_route: int, local_e: int, device, gen) -> torch.Tensor:
-    """The offsets of the rows a rank's experts get when ``t`` tokens pick ``k`` of ``e_route``
-    experts at random (EP: ids past ``local_e`` belong to other ranks)."""
-    return moe.expert_offsets(torch.rand((t, e_route), generator=gen, device=device).topk(k, dim=1).indices, local_e)
 
 
 def _grouped_mm_gemm_peer(device, gen, a, *rest):
@@ -239,16 +270,65 @@ def _grouped_mm_gemm_peer(device, gen, a, *rest):
     return smoke("torch._grouped_mm", lambda: torch._grouped_mm(a, b_t, offs=ends))
 
 
+def deep_gemm_layout(offsets: torch.Tensor, rows: int, align: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepGEMM's contiguous layout of ``rows`` expert-contiguous rows (groups ``offsets``
+    ``[E + 1]``): ``(dst, m_indices)``, where row r goes to padded row ``dst[r]``, every group
+    starts at a multiple of ``align``, and ``m_indices`` holds each padded row's group (-1:
+    padding; at least ``align`` rows)."""
+    counts = (offsets[1:] - offsets[:-1]).long()
+    padded = (counts + align - 1) // align * align
+    starts = torch.cumsum(padded, 0) - padded
+    r = torch.arange(rows, device=offsets.device)
+    group = torch.searchsorted(offsets[1:].long(), r, right=True)
+    dst = starts[group] + r - offsets[:-1].long()[group]
+    m_indices = torch.full((max(int(padded.sum()), align),), -1, dtype=torch.int32, device=offsets.device)
+    m_indices[dst] = group.int()
+    return dst, m_indices
+
+
+def _deep_gemm_peer(device, gen, a, *rest):
+    """DeepGEMM's contiguous grouped GEMM (``m_grouped_fp8_gemm_nt_contiguous`` /
+    ``m_grouped_bf16_gemm_nt_contiguous``; the FP8 one is ``m_grouped_gemm_fp8_fp8_bf16_nt_contiguous``
+    before DeepGEMM 2). Its layout pads every expert's rows to its M alignment (128) and marks
+    the padding -1 in ``m_indices``; that copy is made here, untimed, so the timed call is its
+    GEMM over the padded rows. It needs N and K multiples of 128 (GLM-4.5 at TP8 is not: the
+    issue's point). Its output keeps the padded rows, so the refcheck says it differs."""
+    gpu_only("deep_gemm", device)
+    fp8 = len(rest) == 4
+    b, offsets = (rest[1], rest[3]) if fp8 else rest
+    n, k = b.shape[1], b.shape[2]
+    if n % 128 or k % 128:
+        raise Skip(f"deep_gemm needs N and K multiples of 128, got N={n}, K={k}")
+    mod = peer_import("deep_gemm", "deep_gemm")
+    names = ("m_grouped_fp8_gemm_nt_contiguous", "m_grouped_gemm_fp8_fp8_bf16_nt_contiguous") if fp8 else \
+        ("m_grouped_bf16_gemm_nt_contiguous",)
+    fn = next((getattr(mod, x) for x in names if hasattr(mod, x)), None)
+    align_fn = next((getattr(mod, x) for x in ("get_mk_alignment_for_contiguous_layout",
+                                              "get_m_alignment_for_contiguous_layout") if hasattr(mod, x)), None)
+    if fn is None or align_fn is None:
+        raise Skip(f"deep_gemm: none of {', '.join(names)} in this version")
+    dst, m_indices = deep_gemm_layout(offsets, a.shape[0], int(align_fn()))
+    m_pad = m_indices.numel()
+    a_pad = torch.zeros((m_pad, a.shape[1]), dtype=a.dtype, device=device).index_copy_(0, dst, a)
+    d = torch.empty((m_pad, n), dtype=torch.bfloat16, device=device)
+    if fp8:
+        a_s = torch.zeros((m_pad, rest[0].shape[1]), dtype=torch.float32, device=device).index_copy_(0, dst, rest[0])
+        return smoke("deep_gemm", lambda: fn((a_pad, a_s), (b, rest[2]), d, m_indices) or d)
+    return smoke("deep_gemm", lambda: fn(a_pad, b, d, m_indices) or d)
+
+
 def _grouped_case(cfg: ModelConfig, t: int, layout: str, local_e: int, inter: int, which: str, fp8: bool) -> Case:
     from glm45_ops import quant
 
     h, e, k = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
     n, kk = (2 * inter, h) if which == "w13" else (h, inter)
 
+    local_ids = _local(_routing(t, e, k), local_e)  # EP: ids past local_e belong to other ranks
+    offsets_cpu = moe.expert_offsets(local_ids, local_e)
+    m = int(offsets_cpu[-1])  # the rows this rank's experts get
+
     def inputs(device: torch.device, gen: torch.Generator):
-        offsets = _group_offsets(t, k, e, local_e, device, gen)
-        m = t * k * local_e // e  # the rows the routing sends here on average; the offsets decide
-        offsets = offsets.clamp(max=m)
+        offsets = offsets_cpu.to(device)
         a = randn((m, kk), torch.bfloat16, device, gen, std=0.5)
         b = randn((local_e, n, kk), torch.bfloat16, device, gen, std=kk**-0.5)
         if not fp8:
@@ -257,8 +337,7 @@ def _grouped_case(cfg: ModelConfig, t: int, layout: str, local_e: int, inter: in
         b_q, b_s = quant.per_block_quant_fp8(b)
         return a_q, a_s, b_q, b_s, offsets
 
-    m = t * k * local_e // e
-    hit = local_e * (1 - (1 - k / e) ** t)
+    hit = _hit(local_ids)
     wbytes = 1 if fp8 else 2
     op = moe.grouped_fp8_block_gemm if fp8 else moe.grouped_bf16_gemm
     return Case(
@@ -270,8 +349,9 @@ def _grouped_case(cfg: ModelConfig, t: int, layout: str, local_e: int, inter: in
         bytes_moved=int(hit * n * kk * wbytes + m * kk * wbytes + 2 * m * n),
         flops=2 * m * n * kk,
         roofline="memory" if t <= 64 else ("compute:fp8" if fp8 else "compute:bf16"),
-        peers={"torch._grouped_mm": _grouped_mm_gemm_peer},
-        params={"T": t, "layout": layout, "gemm": which, "E_local": local_e, "M": m, "N": n, "K": kk, "fp8": fp8},
+        peers={"torch._grouped_mm": _grouped_mm_gemm_peer, "deep_gemm": _deep_gemm_peer},
+        params={"T": t, "layout": layout, "gemm": which, "E_local": local_e, "M": m, "N": n, "K": kk, "fp8": fp8,
+                "experts_hit": hit},
     )
 
 

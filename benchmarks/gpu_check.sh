@@ -109,7 +109,12 @@ bench speculative 20
 bench muon 25
 bench attention 45 --cases "TP8"
 bench rollout 30
-bench moe 60 --cases "moe_route,moe_align,fused_moe TP8,fused_moe EP8,+shared,grouped_fp8_block_gemm TP8,grouped_bf16_gemm TP8"
+# MoE: routing and permutation over the whole sweep (its targets name T=4096), then the
+# experts at TP8 / EP8.
+[[ "$FAMS" == *" moe "* ]] && step bench_moe_route 25 $BENCH moe --refcheck ${CEIL[@]+"${CEIL[@]}"} \
+  --json "$OUT/results_moe_route.json" --csv "$OUT/results_moe_route.csv" --cases "moe_route,moe_align" \
+  --tokens 16384,4096,512,64,16,1
+bench moe 60 --cases "fused_moe TP8,fused_moe EP8,+shared,grouped_fp8_block_gemm TP8,grouped_bf16_gemm TP8"
 # The reference model end to end (tiny random weights: it checks that the ops assemble on the GPU
 # and prints tokens/s and the MTP acceptance; not a serving benchmark).
 step generate_tiny 30 $PY -P -m glm45_ops.model.generate --preset tiny --batch 8 --max-new-tokens 64 \

@@ -1,0 +1,44 @@
+"""FP8 fused_moe over the issue's grid: T in {1, 7, 64, 257} x I in {128, 192, 176} on every
+backend, against the float64 math on the dequantized weights and the 1 x 128-quantized
+activations (DeepGEMM's FP8 metric). Decode T takes the split-K gate-up path on Triton."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import device_backends
+from glm45_ops import moe
+from glm45_ops.quant import dequant_fp8, per_block_quant_fp8, per_token_group_quant_fp8
+from glm45_ops.testing import calc_diff, poisoned_outputs
+from test_moe import make
+
+
+def oracle(x, w13, w2, wts, ids):
+    """float64, a loop over experts (test_moe's per-pair loop is too slow at T=257): h rounded
+    into x's dtype as the definition says."""
+    inter = w13.shape[1] // 2
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for e in range(w13.shape[0]):
+        rows, slots = (ids == e).nonzero(as_tuple=True)
+        gu = x[rows].double() @ w13[e].double().T
+        act = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(x.dtype).double()
+        out.index_add_(0, rows, wts[rows, slots].double()[:, None] * (act @ w2[e].double().T))
+    return out
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("t", [1, 7, 64, 257])
+@pytest.mark.parametrize("inter", [128, 192, 176])
+def test_fp8_fused_moe_grid(gen, device, backend, t, inter):
+    h = 1024 if t <= 7 else 256  # decode: 8 K tiles, so the Triton gate-up GEMM splits K in two
+    x, w13, w2, wts, ids = make(t, h, inter, 5, 2, torch.float32, gen)
+    (q13, s13), (q2, s2) = per_block_quant_fp8(w13), per_block_quant_fp8(w2)
+    xb = x.to(torch.bfloat16)
+    with poisoned_outputs():
+        got = moe.fused_moe(*(v.to(device) for v in (xb, q13, q2, wts, ids, s13, s2)), backend=backend).cpu()
+    deq = [dequant_fp8(q, s, 128, 128, torch.float32) for q, s in ((q13, s13), (q2, s2))]
+    xq = dequant_fp8(*per_token_group_quant_fp8(xb), out_dtype=torch.float32).to(torch.bfloat16)
+    want = oracle(xq, deq[0], deq[1], wts, ids)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert calc_diff(got, want) < 1e-3

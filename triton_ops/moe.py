@@ -427,7 +427,8 @@ def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids
     n_tiles = triton.cdiv(inter + i_offset, block_n)
     k_per_split = triton.cdiv(triton.cdiv(h, block_k), split) * block_k
     split = triton.cdiv(h, k_per_split)  # no empty slice
-    part = torch.empty((split, n, 2 * n_tiles * block_n) if split > 1 else (0,), dtype=torch.float32, device=dev)
+    # without a split, any fp32 tensor stands in for the partials (never read or written)
+    part = torch.empty((split, n, 2 * n_tiles * block_n), dtype=torch.float32, device=dev) if split > 1 else topk_weights
     grid1 = (block_expert.numel(), n_tiles, split)
     common = dict(BLOCK_M=block_m, BLOCK_N=block_n, FP8=fp8, HAS_OFFSET=i_offset != 0, ROUND_ON_GRID=interp,
                   SPLIT_K=split)

@@ -12,8 +12,14 @@ of the other ranks' tokens. Against single-process ``fused_moe`` on all experts 
 fp32 sum over the k slots by rank and, in bf16/fp16 (and the bf16 output of FP8 weights), rounds
 each rank's partial once more: within ``fused_moe``'s own tolerance table
 (``glm45_ops.moe.fused.SIMILARITY_LIMIT``). A token all of whose slots live on one rank gets
-exactly that rank's ``fused_moe`` result. Ids outside ``[0, E)`` contribute nothing, as in
-``fused_moe``.
+exactly that rank's ``fused_moe`` result (when ``k <= E/W``, below). Ids are global, in
+``[0, E)`` or -1 (a slot computed nowhere, as in ``fused_moe``).
+
+A rank holding fewer experts than the k slots (160 experts over 32 ranks: 5 each, top-8) gets one
+slot per local expert instead, each carrying the summed weight of the token's slots on that
+expert (one slot's weight unless routing repeats an expert): ``fused_moe`` takes at most E slots,
+and the weights then meet the expert outputs in expert order rather than slot order, another
+regrouping of the same fp32 sum.
 
 Protocol (three collectives, one host sync), per rank:
 
@@ -25,7 +31,8 @@ Protocol (three collectives, one host sync), per rank:
    here (the one sync: it stops CUDA-graph capture of the MoE layer).
 4. ``all_to_all_single`` of the rows, each packed as bytes: ``x[t]``, then the k ids shifted into
    ``d``'s local range (-1 for slots on other ranks, so ``fused_moe`` skips them) as int32, then
-   the k fp32 routing weights, padded to 16 bytes (the rows stay 16-byte aligned for the GEMMs).
+   the k fp32 routing weights (per local expert when k > E/W, above), padded to 16 bytes (the
+   rows stay 16-byte aligned for the GEMMs).
    One message instead of three; bytes also carry dtypes gloo lacks.
 5. ``fused_moe`` on the received rows with the local experts: one partial row per received row.
 6. ``all_to_all_single`` of the partials back (splits swapped), arriving in the order sent.
@@ -51,7 +58,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from glm45_ops.moe.fused import _fused_op, fused_moe
+from glm45_ops.moe.fused import _fused_op, check_fused_args, check_topk_ids, fused_moe
+from glm45_ops.moe.permute import NOT_HERE
 from glm45_ops.reference import cdiv
 
 _ROW_ALIGN = 16  # bytes: x's part of a row is whole 16-byte chunks (H % 16 == 0), the metadata is padded to them
@@ -92,15 +100,17 @@ def ep_fused_moe(
     ``x`` ``[T, H]`` (T may differ per rank, 0 included); ``w13_local`` ``[E/W, 2I, H]``,
     ``w2_local`` ``[E/W, H, I]`` (and FP8 scales) are this rank's experts ``local_experts(E,
     group)``; ``topk_weights`` fp32 and ``topk_ids`` ``[T, k]`` route to global expert ids in
-    ``[0, num_experts)`` -> ``[T, H]`` in x's dtype. Everything else (dtypes, H and I multiples of
-    16, FP8 blocks) is ``fused_moe``'s contract; ``backend`` is passed to it. The module
+    ``[0, num_experts)`` or -1 (skipped; other ids raise for CPU tensors and are skipped on the
+    GPU, as in ``fused_moe``), ``k <= num_experts`` -> ``[T, H]`` in x's dtype. Everything else
+    (dtypes, H and I multiples of 16, FP8 blocks) is ``fused_moe``'s contract; ``backend`` is passed to it. The module
     docstring defines the result and the exchange (three ``all_to_all_single`` calls and one host
     read of the row counts, which this API's list-valued split sizes make unavoidable: DeepEP's
     low-latency kernels are what removes it).
     """
     experts = local_experts(num_experts, group)
     args = _fused_op.bind((x, w13_local, w2_local, topk_weights, topk_ids, w13_scale, w2_scale), {})
-    _fused_op.check(*args)
+    check_fused_args(*args)
+    check_topk_ids(topk_ids, num_experts, f"num_experts={num_experts}")
     world = dist.get_world_size(group)
     if w13_local.shape[0] != len(experts):
         raise ValueError(f"w13_local must hold this rank's {len(experts)} experts (num_experts {num_experts} over "
@@ -110,7 +120,7 @@ def ep_fused_moe(
     k = topk_ids.shape[1]
     dev = x.device
 
-    # 1. which ranks each token visits; world = "none" (ids outside [0, E))
+    # 1. which ranks each token visits; world = "none" (-1, and on the GPU any id outside [0, E))
     ids = topk_ids.long()
     dest = torch.where((ids >= 0) & (ids < num_experts), ids // per_rank, world)
     hit = torch.zeros((t, world + 1), dtype=torch.bool, device=dev).scatter_(1, dest, True)[:, :world]
@@ -124,21 +134,31 @@ def ep_fused_moe(
 
     # 4. dispatch: rows sorted by destination, then token (nonzero's row-major order)
     d_idx, t_idx = torch.nonzero_static(hit.t(), size=sent).unbind(1)
+    mine = dest[t_idx] == d_idx[:, None]
+    local = ids[t_idx] - d_idx[:, None] * per_rank
+    wts = topk_weights[t_idx]
+    if k <= per_rank:
+        local_ids = torch.where(mine, local, NOT_HERE)
+    else:  # fewer local experts than slots (fused_moe needs k <= E): one slot per local expert
+        experts_here = torch.arange(per_rank, device=dev)
+        on = mine[:, :, None] & (local[:, :, None] == experts_here)  # [rows, k, E/W]
+        wts = torch.where(on, wts[:, :, None], 0.0).sum(1)  # a fixed-order sum: deterministic
+        local_ids = torch.where(on.any(1), experts_here, NOT_HERE)
+    slots = local_ids.shape[1]
     x_bytes = h * x.element_size()
-    meta_bytes = cdiv(8 * k, _ROW_ALIGN) * _ROW_ALIGN
+    meta_bytes = cdiv(8 * slots, _ROW_ALIGN) * _ROW_ALIGN
     send = torch.empty((sent, x_bytes + meta_bytes), dtype=torch.uint8, device=dev)
     send[:, :x_bytes] = x[t_idx].view(torch.uint8)
-    local_ids = torch.where(dest[t_idx] == d_idx[:, None], ids[t_idx] - d_idx[:, None] * per_rank, -1)
-    send[:, x_bytes:x_bytes + 4 * k] = local_ids.to(torch.int32).view(torch.uint8)
-    send[:, x_bytes + 4 * k:x_bytes + 8 * k] = topk_weights[t_idx].view(torch.uint8)
-    send[:, x_bytes + 8 * k:] = 0  # no uninitialised memory on the wire
+    send[:, x_bytes:x_bytes + 4 * slots] = local_ids.to(torch.int32).view(torch.uint8)
+    send[:, x_bytes + 4 * slots:x_bytes + 8 * slots] = wts.view(torch.uint8)
+    send[:, x_bytes + 8 * slots:] = 0  # no uninitialised memory on the wire
     recv = torch.empty((received, send.shape[1]), dtype=torch.uint8, device=dev)
     dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
 
     # 5. the local experts on every received row (views into the packed rows: no copies)
     partial = fused_moe(recv[:, :x_bytes].view(x.dtype), w13_local, w2_local,
-                        recv[:, x_bytes + 4 * k:x_bytes + 8 * k].view(torch.float32),
-                        recv[:, x_bytes:x_bytes + 4 * k].view(torch.int32), w13_scale, w2_scale, backend=backend)
+                        recv[:, x_bytes + 4 * slots:x_bytes + 8 * slots].view(torch.float32),
+                        recv[:, x_bytes:x_bytes + 4 * slots].view(torch.int32), w13_scale, w2_scale, backend=backend)
 
     # 6. partials back to their tokens' ranks
     back = torch.empty((sent, h), dtype=x.dtype, device=dev)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from glm45_ops._registry import ErrorInput, Op, Sample
+from glm45_ops.moe.permute import NOT_HERE, check_expert_ids
 from glm45_ops.reference import cdiv
 from glm45_ops.reference.moe import QUANT_GROUP, fused_moe_ref
 from glm45_ops.reference.quant import FP8_DTYPE
@@ -31,7 +32,18 @@ SIMILARITY_LIMIT = {torch.float32: 1e-6, torch.float16: 2e-5, torch.bfloat16: 1e
 
 
 
-def _check_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offset):
+def check_topk_ids(topk_ids: torch.Tensor, num_experts: int, what: str) -> None:
+    """At most ``num_experts`` slots per token (routing picks distinct experts), each id in
+    ``[0, num_experts)`` or -1 (values checked on CPU tensors only: ``check_expert_ids``). ``what``
+    names E in the messages."""
+    if topk_ids.shape[1] > num_experts:
+        raise ValueError(f"topk_ids has k={topk_ids.shape[1]} slots per token, more than the {what} experts")
+    check_expert_ids(topk_ids, num_experts, what)
+
+
+def check_fused_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offset):
+    """Everything ``fused_moe`` checks but how ``topk_ids`` relates to E (:func:`check_topk_ids`):
+    expert parallelism checks the ids against the global expert count instead."""
     if x.dtype not in _ACT_DTYPES:
         raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
     if x.dim() != 2:
@@ -81,6 +93,11 @@ def _check_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offs
     devices = {n: v.device for n, v in tensors.items() if v is not None}
     if len(set(devices.values())) != 1:
         raise ValueError(f"all tensors must be on one device, got {devices}")
+
+
+def _check_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offset):
+    check_fused_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offset)
+    check_topk_ids(topk_ids, w13.shape[0], f"E={w13.shape[0]}")
 
 
 def _alloc_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offset):
@@ -142,11 +159,15 @@ def _fused_samples(device, gen):
 
     nan_case = case(6, 64, 32, 4, 2, torch.float32)
     nan_case[0][2, 5] = float("nan")
+    ep_case = case(5, 32, 16, 4, 3)
+    ep_case[4][::2, 1] = NOT_HERE
+    ep_case[4][3] = NOT_HERE
     return [
         Sample(case(7, 64, 32, 8, 2, torch.float32)),
         Sample(case(5, 128, 192, 6, 3), note="I=192 (GLM-4.5 at TP8)"),
         Sample(case(4, 64, 176, 5, 2, torch.float16), note="I=176 (Air at TP8)"),
         Sample(case(9, 32, 16, 3, 2, spread_ids=False), note="all tokens on one expert"),
+        Sample(ep_case, note="-1 slots (other ranks' experts), a token with none here"),
         Sample(case(6, 256, 192, 4, 2, fp8=True), note="FP8, partial scale blocks"),
         Sample(case(1, 1024, 192, 6, 2, fp8=True), note="FP8 decode: the gate-up GEMM splits K (Triton)"),
         Sample(case(2, 512, 176, 5, 2), note="BF16 decode: the gate-up GEMM splits K (Triton)"),
@@ -159,7 +180,7 @@ def _fused_errors(device):
     x = torch.randn(3, 64, device=device)
     w13, w2 = torch.randn(4, 64, 64, device=device), torch.randn(4, 64, 32, device=device)
     ids, wts = torch.zeros(3, 2, dtype=torch.int32, device=device), torch.ones(3, 2, device=device)
-    return [
+    errors = [
         ErrorInput((x.double(), w13, w2, wts, ids), match="x must be bfloat16, float16 or float32"),
         ErrorInput((x, w13[:, :50], w2, wts, ids), match="w13 must be"),
         ErrorInput((x[:, :40], w13[..., :40], w2[:, :40], wts, ids), match=r"H \(40\) and I \(32\) must be positive multiples of 16"),
@@ -171,7 +192,19 @@ def _fused_errors(device):
         ErrorInput((x, w13, w2, wts, ids, None, torch.ones(1)), match="FP8 weights"),
         ErrorInput((x, w13, w2, wts, [0, 1]), exc=TypeError, match="topk_ids must be torch.Tensor", raw=False),
         ErrorInput((x, w13, w2, wts, ids, None, None, 64), match=r"i_offset must be in \[0, 128\) and only with FP8"),
+        ErrorInput((x, w13, w2, torch.ones(3, 5, device=device), torch.zeros(3, 5, dtype=torch.int32, device=device)),
+                   match="topk_ids has k=5 slots per token, more than the E=4 experts"),
     ]
+    if torch.device(device).type == "cpu":  # id values are checked only where that costs no host sync
+        bad = ids.clone()
+        bad[1, 1], bad[2, 0] = 4, -3
+        errors += [
+            ErrorInput((x, w13, w2, wts, bad), fake=False,
+                       match=r"topk_ids must be in \[0, E=4\) or -1 .*got 4 at \[1, 1\]"),
+            ErrorInput((x, w13, w2, wts, bad.long().flip(0)), fake=False,
+                       match=r"topk_ids must be in \[0, E=4\) or -1 \(a slot computed elsewhere.*got -3 at \[0, 0\]"),
+        ]
+    return errors
 
 
 _fused_op = Op(
@@ -195,10 +228,12 @@ fused_moe = _fused_op.api(
     ``w2`` ``[E, H, I]`` in x's dtype, or float8_e4m3fn in 128 x 128 blocks with ``w13_scale``
     ``[E, ceil(2I/128), ceil(H/128)]`` and ``w2_scale`` ``[E, ceil(H/128), ceil(I/128)]`` (then x
     is bf16 and is quantized 1 x 128 on the fly, as is the intermediate); ``topk_weights`` fp32
-    and ``topk_ids`` int32/int64 ``[T, k]`` (ids outside ``[0, E)`` contribute nothing: expert
-    parallelism) -> ``[T, H]`` in x's dtype. H and I are multiples of 16. ``i_offset`` and
-    one-scale-per-row ``w13_scale`` serve tensor-parallel shards of block-FP8 checkpoints
-    (:func:`glm45_ops.moe.shard.shard_fp8_experts`). Definition and numerics:
+    and ``topk_ids`` int32/int64 ``[T, k]``, ``k <= E``, each id in ``[0, E)`` or -1: a slot
+    computed elsewhere, which contributes nothing (expert parallelism: another rank's expert).
+    Other ids raise ValueError for CPU tensors; CUDA tensors' ids are not checked (that would
+    sync the host), and the kernels skip them like -1. -> ``[T, H]`` in x's dtype. H and I are
+    multiples of 16. ``i_offset`` and one-scale-per-row ``w13_scale`` serve tensor-parallel
+    shards of block-FP8 checkpoints (:func:`glm45_ops.moe.shard.shard_fp8_experts`). Definition and numerics:
     :mod:`glm45_ops.reference.moe`.
     """
 )

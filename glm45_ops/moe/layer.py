@@ -29,15 +29,16 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from glm45_ops._registry import Op
 from glm45_ops.gemm import fp8_linear
-from glm45_ops.moe.fused import fused_moe
+from glm45_ops.moe.fused import _fused_op, fused_moe
 from glm45_ops.moe.routing import route
 from glm45_ops.quant import per_block_quant_fp8
 from glm45_ops.reference import cdiv
 from glm45_ops.reference.moe import QUANT_GROUP
 from glm45_ops.reference.quant import FP8_DTYPE
 
-__all__ = ["MoE", "append_shared_routing", "fuse_shared_expert", "shared_expert", "split_shared_expert"]
+__all__ = ["MoE", "append_shared_routing", "backend_for", "fuse_shared_expert", "shared_expert", "split_shared_expert"]
 
 
 def _check_scales(weights: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor | None]) -> bool:
@@ -182,6 +183,17 @@ def shared_expert(
     return fp8_linear(h, w2, w2_scale, backend=backend) if fp8 else F.linear(h, w2)
 
 
+def backend_for(op: Op, backend: str | None) -> str | None:
+    """What a module asked for ``backend`` passes to ``op``: ``"cuda"`` becomes ``"auto"`` (the
+    registry's choice: Triton on a GPU) for an op with no CUDA implementation at all, neither a
+    C++ kernel nor a Python one (``fused_moe``); anything else is passed unchanged, so an op that
+    has a C++ kernel still raises when the extension is missing rather than silently running
+    another backend."""
+    if backend == "cuda" and not op.has_cuda_kernel() and "cuda" not in op.impls:
+        return "auto"
+    return backend
+
+
 class Router(torch.nn.Module):
     """GLM-4.5's router, named as transformers' ``Glm4MoeTopkRouter``: fp32 ``weight`` ``[E, H]``
     and the fp32 ``e_score_correction_bias`` ``[E]`` buffer (used for selection only)."""
@@ -209,7 +221,10 @@ class MoE(torch.nn.Module):
     running it read the same weights with no copy). :meth:`quantize_fp8` turns them into e4m3
     128 x 128 blocks with fp32 ``w13_scale`` / ``w2_scale`` buffers (``None`` for BF16).
     ``fuse_shared`` picks the fused (one ``fused_moe`` over E+S experts) or the separate shared
-    expert; ``backend`` is passed to every op (None: the registry's choice). Weights are
+    expert; ``backend`` is passed to every op (None: the registry's choice), except that
+    ``"cuda"`` gives ``fused_moe``, which has no CUDA kernel, ``"auto"`` (Triton on a GPU) while
+    routing, quantization and the FP8 shared expert's GEMMs run their CUDA kernels
+    (:func:`backend_for`). Weights are
     initialised at random (``load_hf_state_dict`` loads a checkpoint's); ``fp8=True`` allocates
     them as empty e4m3 blocks with their scale grids (to be loaded into, with no BF16 copy), and
     ``init=False`` leaves every weight uninitialised (``torch.empty``). Move it with
@@ -293,11 +308,12 @@ class MoE(torch.nn.Module):
         weights, ids = route(x2, self.gate.weight, self.gate.e_score_correction_bias, self.top_k, self.n_group,
                              self.topk_group, self.norm_topk_prob, self.routed_scaling_factor, backend=self.backend)
         w13, w2, s13, s2 = self.w13, self.w2, self.w13_scale, self.w2_scale
+        experts = backend_for(_fused_op, self.backend)
         if s and fuse:
             weights, ids = append_shared_routing(weights, ids, e, s)
-            return fused_moe(x2, w13, w2, weights, ids, s13, s2, backend=self.backend).view(x.shape)
+            return fused_moe(x2, w13, w2, weights, ids, s13, s2, backend=experts).view(x.shape)
         routed = lambda t: None if t is None else t[:e]  # noqa: E731
-        out = fused_moe(x2, routed(w13), routed(w2), weights, ids, routed(s13), routed(s2), backend=self.backend)
+        out = fused_moe(x2, routed(w13), routed(w2), weights, ids, routed(s13), routed(s2), backend=experts)
         for j in range(e, e + s):
             out = out + shared_expert(x2, w13[j], w2[j], None if s13 is None else s13[j],
                                       None if s2 is None else s2[j], backend=self.backend)

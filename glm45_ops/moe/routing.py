@@ -189,18 +189,24 @@ def route(
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``moe_route`` on ``hidden.float() @ router_weight.T``: ``hidden`` ``[T, H]`` (any float
-    dtype), ``router_weight`` fp32 ``[E, H]`` (the router linear runs in fp32, as HF GLM-4.5's)."""
+    """``moe_route`` on ``hidden.float() @ router_weight.T``: ``hidden`` bf16/fp16/fp32 ``[T, H]``,
+    ``router_weight`` fp32 ``[E, H]`` on hidden's device (the router linear runs in fp32, as HF
+    GLM-4.5's). Bad arguments raise TypeError (not a tensor) or ValueError, naming them."""
     for name, t in (("hidden", hidden), ("router_weight", router_weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"hidden must be bfloat16, float16 or float32, got {hidden.dtype}")
     if router_weight.dtype != torch.float32:
         raise ValueError(f"router_weight must be float32, got {router_weight.dtype}")
+    for name, t, shape in (("hidden", hidden, "[T, H]"), ("router_weight", router_weight, "[E, H]")):
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D {shape}, got shape {tuple(t.shape)}")
     if hidden.shape[1] != router_weight.shape[1]:
         raise ValueError(f"hidden [T, H={hidden.shape[1]}] and router_weight [E, H={router_weight.shape[1]}] "
                          "must share H")
+    if router_weight.device != hidden.device:
+        raise ValueError(f"router_weight is on {router_weight.device} but hidden is on {hidden.device}")
     logits = torch.nn.functional.linear(hidden.float(), router_weight)
     return _op(logits, correction_bias, top_k, n_group, topk_group, renormalize, routed_scaling_factor,
                backend=backend)

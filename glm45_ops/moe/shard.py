@@ -23,8 +23,10 @@ from typing import NamedTuple
 
 import torch
 
+from glm45_ops.moe.fused import DIM_ALIGN
 from glm45_ops.reference import cdiv
 from glm45_ops.reference.moe import QUANT_GROUP
+from glm45_ops.reference.quant import FP8_DTYPE
 
 
 class ExpertShard(NamedTuple):
@@ -43,16 +45,34 @@ def shard_fp8_experts(
 ) -> ExpertShard:
     """Rank ``rank``'s slice of block-FP8 experts ``w13`` e4m3 ``[E, 2I, H]`` (scales
     ``[E, ceil(2I/128), ceil(H/128)]``) and ``w2`` e4m3 ``[E, H, I]`` (scales
-    ``[E, ceil(H/128), ceil(I/128)]``) over ``tp_size`` ranks along I (module docstring)."""
+    ``[E, ceil(H/128), ceil(I/128)]``) over ``tp_size`` ranks along I (module docstring), each
+    shard a multiple of 16 wide. Bad arguments raise ValueError (TypeError for a wrong type)
+    naming the argument."""
+    tensors = {"w13": w13, "w13_scale": w13_scale, "w2": w2, "w2_scale": w2_scale}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        want = FP8_DTYPE if name in ("w13", "w2") else torch.float32
+        if t.dtype != want:
+            raise ValueError(f"{name} must be {want} (a block-FP8 checkpoint's), got {t.dtype}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D [E, ...], got shape {tuple(t.shape)}")
+        if t.device != w13.device:
+            raise ValueError(f"{name} is on {t.device} but w13 is on {w13.device}")
     e, two_i, h = w13.shape
     inter = two_i // 2
-    if not isinstance(tp_size, int) or tp_size < 1 or inter % tp_size:
-        raise ValueError(f"tp_size must be a positive int dividing I={inter}, got {tp_size!r}")
-    if not isinstance(rank, int) or not 0 <= rank < tp_size:
-        raise ValueError(f"rank must be in [0, {tp_size}), got {rank!r}")
+    if two_i % 2 or two_i == 0 or tuple(w2.shape) != (e, h, inter):
+        raise ValueError(f"w13 must be [E, 2I, H] and w2 [E, H, I] with the same E, H and I > 0, "
+                         f"got {tuple(w13.shape)} and {tuple(w2.shape)}")
+    for name, v in (("tp_size", tp_size), ("rank", rank)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be int, got {type(v).__name__}")
+    if tp_size < 1 or inter % tp_size or (inter // tp_size) % DIM_ALIGN:
+        raise ValueError(f"tp_size must be a positive divisor of I={inter} leaving shards a multiple of "
+                         f"{DIM_ALIGN} wide (fused_moe's I), got {tp_size}")
+    if not 0 <= rank < tp_size:
+        raise ValueError(f"rank must be in [0, tp_size={tp_size}), got {rank}")
     width = inter // tp_size
-    if width % 16:
-        raise ValueError(f"the shard width I/tp_size = {width} must be a multiple of 16 (fused_moe's I)")
     want13 = (e, cdiv(two_i, QUANT_GROUP), cdiv(h, QUANT_GROUP))
     want2 = (e, cdiv(h, QUANT_GROUP), cdiv(inter, QUANT_GROUP))
     if tuple(w13_scale.shape) != want13 or tuple(w2_scale.shape) != want2:

@@ -4,8 +4,9 @@
 is bit-exact): ``topk_ids`` int ``[T, k]`` -> a permutation of the ``T*k`` (token, slot) pairs
 into expert-contiguous segments, each padded to a multiple of ``block_size``::
 
-    flat i = t*k + j, expert e_i = topk_ids[t, j]; ids outside [0, E) are left out (expert
-    parallelism: a rank routes only its local experts)
+    flat i = t*k + j, expert e_i = topk_ids[t, j]; ids outside [0, E) are left out (-1 marks a
+    slot computed elsewhere, expert parallelism's other ranks; the ops refuse any other id
+    outside [0, E) on CPU tensors and, unchecked on the GPU, leave it out like -1)
     count_e  = #{i : e_i == e};  padded_e = ceil(count_e / block_size) * block_size
     start_e  = padded_0 + ... + padded_{e-1}
     sorted_ids[start_e + r] = the r-th smallest i with e_i == e       (stable: ascending i)
@@ -25,7 +26,8 @@ graph. An expert without tokens gets no block, so the GEMMs never read its weigh
     y_tj   = w2[e] @ h                     (fp32 accumulation)
     out[t] = round_x(sum_j w[t, j] * y_tj) (fp32, j = 0..k-1 in order, one rounding)
 
-with ``e = topk_ids[t, j]``; ids outside ``[0, E)`` contribute nothing (expert parallelism).
+with ``e = topk_ids[t, j]``; ids outside ``[0, E)`` contribute nothing (-1 is the one such id the
+op accepts on CPU tensors: a slot computed elsewhere, expert parallelism).
 FP8 (``w13_scale``/``w2_scale`` given): weights are e4m3 in 128 x 128 blocks (scale grids
 ``[E, ceil(2I/128), ceil(H/128)]`` and ``[E, ceil(H/128), ceil(I/128)]``), ``x`` and ``h`` are
 quantized 1 x 128 per token with ``per_token_group_quant_fp8`` (eps 1e-4), and the GEMMs are the

@@ -143,13 +143,40 @@ def test_fp8_fused_moe_against_dequantized_math(gen, device, backend):
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_expert_parallel_shards_sum_to_the_whole(gen, device, backend):
-    """Two ranks with half the experts each (ids shifted, remote ones out of range): their
+    """Two ranks with half the experts each (local ids, the other rank's slots -1): their
     outputs sum to the single-process result."""
     x, w13, w2, wts, ids = make(10, 32, 64, 6, 3, torch.float32, gen)
     whole = moe.fused_moe(x, w13, w2, wts, ids, backend="torch")
-    parts = [moe.fused_moe(*(v.to(device) for v in (x, w13[r * 3:(r + 1) * 3], w2[r * 3:(r + 1) * 3], wts, ids - 3 * r)),
-                           backend=backend).cpu() for r in range(2)]
-    torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-5, atol=1e-5)
+
+    def part(r):
+        local = torch.where((ids >= 3 * r) & (ids < 3 * (r + 1)), ids - 3 * r, -1)
+        args = (x, w13[r * 3:(r + 1) * 3], w2[r * 3:(r + 1) * 3], wts, local)
+        return moe.fused_moe(*(v.to(device) for v in args), backend=backend).cpu()
+
+    torch.testing.assert_close(part(0) + part(1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_ids_outside_the_contract_raise_on_cpu(gen):
+    """Ids are [0, E) or -1: any other id raises for a CPU tensor, naming it (int64 ids that int32
+    would wrap into range included); a fake tensor has no values to check (torch.compile's
+    tracing), and on the GPU ids are not read on the host."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w13, w2, wts, ids = make(4, 32, 16, 5, 2, torch.float32, gen)
+    for bad in (5, -2, 2**32 + 3, -(2**63)):
+        wrong = ids.long()
+        wrong[3, 1] = bad
+        with pytest.raises(ValueError, match=rf"topk_ids must be in \[0, E=5\) or -1 .*got {bad} at \[3, 1\]"):
+            moe.fused_moe(x, w13, w2, wts, wrong)
+        with pytest.raises(ValueError, match=rf"must be in \[0, num_experts=5\) or -1 .*got {bad} at \[3, 1\]"):
+            moe.moe_align_block_size(wrong, 5, 16)
+        with FakeTensorMode(allow_non_fake_inputs=True):  # the raw ops, as torch.compile's tracing calls them
+            assert torch.ops.glm45.fused_moe(x, w13, w2, wts, wrong).shape == x.shape
+            assert torch.ops.glm45.moe_align_block_size(wrong, 5, 16)[1].shape == (padded_size(8, 5, 16) // 16,)
+    ids[0] = -1  # -1 is a slot computed elsewhere: allowed, contributes nothing
+    torch.testing.assert_close(moe.fused_moe(x, w13, w2, wts, ids)[0], torch.zeros(32))
+    with pytest.raises(ValueError, match="topk_ids has k=6 slots per token, more than the E=5 experts"):
+        moe.fused_moe(x, w13, w2, torch.ones(4, 6), torch.full((4, 6), -1, dtype=torch.int32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +230,38 @@ def test_tp_shards_keep_the_checkpoint_and_sum_to_the_layer(gen, device, backend
     xq = dequant_fp8(*per_token_group_quant_fp8(xb), out_dtype=torch.float32).to(torch.bfloat16)
     want = moe_oracle(xq, full13, full2, wts, ids)
     assert calc_diff(total, want) < 1e-3
+
+
+def test_tp_shard_bad_input(gen):
+    """Each bad argument of ``shard_fp8_experts`` raises naming it (a BF16 weight, a 2-D one, a w2
+    that does not match w13, a width that is not a multiple of 16, a rank past tp_size)."""
+    from glm45_ops.moe.shard import shard_fp8_experts
+    from glm45_ops.quant import per_block_quant_fp8
+
+    _, w13, w2, _, _ = make(1, 128, 192, 2, 1, torch.float32, gen)
+    (q13, s13), (q2, s2) = per_block_quant_fp8(w13), per_block_quant_fp8(w2)
+    for args, exc, match in [
+        ((w13, s13, q2, s2, 2, 0), ValueError, "w13 must be torch.float8_e4m3fn"),
+        ((q13, s13, w2.bfloat16(), s2, 2, 0), ValueError, "w2 must be torch.float8_e4m3fn"),
+        ((q13, s13.double(), q2, s2, 2, 0), ValueError, "w13_scale must be torch.float32"),
+        ((q13[0], s13, q2, s2, 2, 0), ValueError, r"w13 must be 3-D \[E, \.\.\.\], got shape \(384, 128\)"),
+        ((q13, s13, q2[..., :96], s2, 2, 0), ValueError, r"w13 must be \[E, 2I, H\] and w2 \[E, H, I\]"),
+        ((q13, s13, q2.transpose(1, 2), s2, 2, 0), ValueError, r"w2 \[E, H, I\] with the same E, H and I"),
+        ((q13, s13, q2[:1], s2[:1], 2, 0), ValueError, r"with the same E"),
+        ((q13, s13, q2, s2, 0, 0), ValueError, "tp_size must be a positive divisor of I=192"),
+        ((q13, s13, q2, s2, 5, 0), ValueError, "tp_size must be a positive divisor of I=192"),
+        ((q13, s13, q2, s2, 8, 0), ValueError, r"leaving shards a multiple of 16 wide .*got 8"),
+        ((q13, s13, q2, s2, 2.0, 0), TypeError, "tp_size must be int, got float"),
+        ((q13, s13, q2, s2, 2, True), TypeError, "rank must be int, got bool"),
+        ((q13, s13, q2, s2, 2, 2), ValueError, r"rank must be in \[0, tp_size=2\), got 2"),
+        ((q13, s13, q2, s2, 2, -1), ValueError, r"rank must be in \[0, tp_size=2\), got -1"),
+        ((q13, s13[:, :1], q2, s2, 2, 0), ValueError, "w13_scale and w2_scale must be the block grids"),
+        ((q13, s13, q2, s2.to("meta"), 2, 0), ValueError, "w2_scale is on meta but w13 is on cpu"),
+        ((q13, "s13", q2, s2, 2, 0), TypeError, "w13_scale must be a torch.Tensor, got str"),
+    ]:
+        with pytest.raises(exc, match=match):
+            shard_fp8_experts(*args)
+    assert shard_fp8_experts(q13, s13, q2, s2, 12, 11).w13.shape == (2, 32, 128)  # 16 wide: the smallest
 
 
 # ---------------------------------------------------------------------------------------------

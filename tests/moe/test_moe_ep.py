@@ -30,8 +30,10 @@ def _one_thread():
 
 
 def make_case(gen, world, e, inter, dtype=torch.bfloat16, fp8=False, h=64, k=4, group_size=None, backend="torch"):
-    """GLM-like small shapes; a few ids are -1 or E (contribute nothing). ``want``, each rank's rows of
-    single-process ``fused_moe`` on its group's tokens, is computed here, once."""
+    """GLM-like small shapes; a few slots are -1 (computed nowhere), some tokens have no slot at
+    all, and some repeat an expert (routing never does; the op allows it, and a rank holding fewer
+    experts than k, E=8 over 4 ranks here, sums their weights into one slot). ``want``, each
+    rank's rows of single-process ``fused_moe`` on its group's tokens, is computed here, once."""
     from glm45_ops.quant import per_block_quant_fp8
 
     g = group_size or world
@@ -47,7 +49,8 @@ def make_case(gen, world, e, inter, dtype=torch.bfloat16, fp8=False, h=64, k=4, 
         wts.append(torch.rand(t, k, generator=gen))
         ids.append(torch.rand(t, e, generator=gen).topk(k, dim=1).indices.to(torch.int32))
         ids[-1][::4, -1] = -1
-        ids[-1][1::4, -1] = e
+        ids[-1][1::5] = -1
+        ids[-1][2::4, 1] = ids[-1][2::4, 0]
     want = []
     for block in range(world // g):
         ranks = range(block * g, (block + 1) * g)
@@ -97,6 +100,14 @@ def _check_errors(rank, world, case):
         ep.ep_fused_moe(x, w13[:per + 1], w2[:per + 1], wts, ids, case["e"])
     with pytest.raises(ValueError, match="topk_weights must be float32"):
         ep.ep_fused_moe(x, w13[:per], w2[:per], wts.double(), ids, case["e"])
+    # global ids: E is out of range on every rank (one token each, so a rank without tokens raises too)
+    one = torch.zeros(1, x.shape[1], dtype=x.dtype)
+    bad = torch.full((1, ids.shape[1]), -1, dtype=torch.int32)
+    bad[0, 1] = case["e"]
+    with pytest.raises(ValueError, match=rf"topk_ids must be in \[0, num_experts={case['e']}\) or -1 .*got {case['e']}"):
+        ep.ep_fused_moe(one, w13[:per], w2[:per], torch.ones(1, ids.shape[1]), bad, case["e"])
+    with pytest.raises(ValueError, match=rf"topk_ids has k=9 slots per token, more than the num_experts={case['e']}"):
+        ep.ep_fused_moe(one, w13[:per], w2[:per], torch.ones(1, 9), torch.zeros(1, 9, dtype=torch.int32), case["e"])
     with pytest.raises(ValueError, match="num_experts must be positive, got 0"):
         ep.local_experts(0)
     with pytest.raises(TypeError, match="num_experts must be int, got float"):

@@ -15,7 +15,8 @@ from conftest import cpu_backends
 from glm45_ops.config import SMALL
 from glm45_ops.moe import fused_moe
 from glm45_ops.moe.fused import _compare
-from glm45_ops.moe.layer import MoE, append_shared_routing, fuse_shared_expert, shared_expert, split_shared_expert
+from glm45_ops.moe.layer import (MoE, append_shared_routing, backend_for, fuse_shared_expert, shared_expert,
+                                 split_shared_expert)
 from glm45_ops.quant import dequant_fp8, per_block_quant_fp8, per_token_group_quant_fp8
 from glm45_ops.testing import calc_diff
 
@@ -239,6 +240,51 @@ def test_moe_fp8_against_dequantized_math(gen, backend, fuse):
     assert calc_diff(got, want) < FP8_LIMIT
     with pytest.raises(ValueError, match="already FP8"):
         m.quantize_fp8()
+
+
+def test_backend_for_maps_cuda_to_an_op_that_has_it():
+    """``MoE(backend="cuda")`` gives each op a backend it has: ``fused_moe`` has no CUDA kernel
+    (Triton and torch only), so "auto"; an op with a C++ or Python CUDA kernel keeps "cuda"
+    (and still raises if the extension is missing); every other choice is passed unchanged."""
+    from types import SimpleNamespace
+
+    from glm45_ops.moe.fused import _fused_op
+
+    assert backend_for(_fused_op, "cuda") == "auto"
+    for b in (None, "auto", "torch", "triton"):
+        assert backend_for(_fused_op, b) == b
+    python_cuda = SimpleNamespace(impls={"torch": None, "cuda": None}, has_cuda_kernel=lambda: False)
+    cpp_cuda = SimpleNamespace(impls={"torch": None}, has_cuda_kernel=lambda: True)
+    for op in (python_cuda, cpp_cuda):
+        assert backend_for(op, "cuda") == "cuda"
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_moe_cuda_backend_runs_fused_moe_on_the_registrys_choice(gen, fuse, monkeypatch):
+    """The layer's forward with backend="cuda" (no GPU here: routing is stood in for, recording
+    its backend) gives routing "cuda" and ``fused_moe`` "auto", which on these CPU tensors is
+    the reference: the same output as the default backends. It used to pass "cuda" to
+    ``fused_moe`` and raise."""
+    from glm45_ops.moe import layer
+
+    m = make_moe(gen)
+    x = torch.randn(5, 64, generator=gen)
+    want = m(x, fuse_shared=fuse)
+    seen, real_route = [], layer.route
+
+    def route(*args, backend):
+        seen.append(("route", backend))
+        return real_route(*args)
+
+    def experts(*args, backend):
+        seen.append(("fused_moe", backend))
+        return fused_moe(*args, backend=backend)
+
+    monkeypatch.setattr(layer, "route", route)
+    monkeypatch.setattr(layer, "fused_moe", experts)
+    m.backend = "cuda"
+    torch.testing.assert_close(m(x, fuse_shared=fuse), want, rtol=0, atol=0)
+    assert seen == [("route", "cuda"), ("fused_moe", "auto")]
 
 
 @pytest.mark.parametrize("fuse", [True, False])

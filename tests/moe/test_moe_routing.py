@@ -194,6 +194,27 @@ def test_route_from_hidden(device, backend, gen):
         moe.route(hidden, weight[:, :32])
 
 
+def test_route_bad_input(gen):
+    """``route``'s own arguments, named (it used to cast any hidden with ``.float()``, and a
+    router weight on another device failed inside the GEMM)."""
+    hidden = torch.randn(6, 64, generator=gen).bfloat16()
+    weight = torch.randn(16, 64, generator=gen) * 0.1
+    for args, exc, match in [
+        ((hidden.double(), weight), ValueError, "hidden must be bfloat16, float16 or float32, got torch.float64"),
+        ((hidden.to(torch.int32), weight), ValueError, "hidden must be bfloat16, float16 or float32, got torch.int32"),
+        ((hidden.to(torch.float8_e4m3fn), weight), ValueError, "hidden must be bfloat16, float16 or float32"),
+        ((hidden, weight.double()), ValueError, "router_weight must be float32, got torch.float64"),
+        ((hidden[0], weight), ValueError, r"hidden must be 2-D \[T, H\], got shape \(64,\)"),
+        ((hidden, weight[None]), ValueError, r"router_weight must be 2-D \[E, H\], got shape \(1, 16, 64\)"),
+        ((hidden, weight[:, :48]), ValueError, r"hidden \[T, H=64\] and router_weight \[E, H=48\] must share H"),
+        ((hidden, weight.to("meta")), ValueError, "router_weight is on meta but hidden is on cpu"),
+        (("hidden", weight), TypeError, "hidden must be a torch.Tensor, got str"),
+        ((hidden, None), TypeError, "router_weight must be a torch.Tensor, got NoneType"),
+    ]:
+        with pytest.raises(exc, match=match):
+            moe.route(*args)
+
+
 @pytest.mark.skipif(not moe.routing._op.has_cuda_kernel(), reason="the C++ kernel is not built")
 def test_cuda_kernel_checks_match_python(gen):
     """Host checks beyond the error table: limits at their edges, as C++ and Python word them."""

@@ -376,17 +376,25 @@ def row_scales(w13: torch.Tensor, w13_scale: torch.Tensor) -> bool:
     return w13_scale.shape[1] == w13.shape[1] != triton.cdiv(w13.shape[1], QUANT_GROUP)
 
 
+def used_blocks(num_pairs: int, num_experts: int, block_m: int, num_blocks: int | None = None) -> int:
+    """An upper bound of the row blocks the permutation fills, known on the host: each expert
+    hit adds at most one partial block, so ``ceil(pairs / BLOCK_M) + min(E, pairs)``. The used
+    blocks come first, so the GEMM grids stop there: one decode token on GLM-4.5 at TP8 launches
+    9 row blocks instead of the layout's 150 (the rest would only start and return)."""
+    bound = triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
+    return bound if num_blocks is None else min(num_blocks, bound)
+
+
 def gate_up_split_k(num_pairs: int, num_experts: int, block_m: int, block_n: int, n_tiles: int, k_tiles: int,
                     device: torch.device) -> int:
     """K slices for the gate-up GEMM. Decode routes a few tokens to a few experts: then the
-    (row block, I tile) programs, at most ``(ceil(pairs / BLOCK_M) + min(E, pairs)) * n_tiles``
-    (one partial block per expert hit), are too few to stream the weights at HBM speed (GLM-4.5
+    (row block, I tile) programs, at most ``used_blocks * n_tiles``, are too few to stream the weights at HBM speed (GLM-4.5
     at TP8, one token: 8 experts x 2 tiles = 16 programs for 132 SMs). Split H until about two
     waves of programs, keeping at least ``SPLIT_K_MIN_TILES`` K tiles per slice (a shorter loop
     leaves the pipeline empty) and the fp32 partials under ``SPLIT_K_MAX_BYTES``. The SM count
     is the GPU's (a nominal H200's on the CPU, so the interpreter takes the same path)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H200_SMS
-    programs = (triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)) * n_tiles
+    programs = used_blocks(num_pairs, num_experts, block_m) * n_tiles
     if programs >= sms:
         return 1
     split = min(triton.cdiv(2 * sms, programs), k_tiles // SPLIT_K_MIN_TILES)
@@ -429,7 +437,7 @@ def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids
     split = triton.cdiv(h, k_per_split)  # no empty slice
     # without a split, any fp32 tensor stands in for the partials (never read or written)
     part = torch.empty((split, n, 2 * n_tiles * block_n), dtype=torch.float32, device=dev) if split > 1 else topk_weights
-    grid1 = (block_expert.numel(), n_tiles, split)
+    grid1 = (used_blocks(n, w13.shape[0], block_m, block_expert.numel()), n_tiles, split)
     common = dict(BLOCK_M=block_m, BLOCK_N=block_n, FP8=fp8, HAS_OFFSET=i_offset != 0, ROUND_ON_GRID=interp,
                   SPLIT_K=split)
     _moe_gate_up_kernel[grid1](
@@ -449,7 +457,7 @@ def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids
     y = torch.zeros((n, h), dtype=torch.float32, device=dev)
     block_k2 = triton.next_power_of_2(max(inter, 16)) if interp and not fp8 else config["BLOCK_SIZE_K"]
     block_n2 = triton.next_power_of_2(max(h, 16)) if interp else config["BLOCK_SIZE_N"]
-    grid2 = (block_expert.numel(), triton.cdiv(h, block_n2))
+    grid2 = (grid1[0], triton.cdiv(h, block_n2))
     _moe_down_kernel[grid2](
         act.view(torch.float8_e4m3fn) if fp8 else act, act_s, w2, w2_scale if fp8 else w2, y, topk_weights,
         sorted_ids, block_expert, n, h, inter, i_offset,

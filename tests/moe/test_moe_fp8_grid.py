@@ -42,3 +42,20 @@ def test_fp8_fused_moe_grid(gen, device, backend, t, inter):
     want = oracle(xq, deq[0], deq[1], wts, ids)
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
     assert calc_diff(got, want) < 1e-3
+
+
+@pytest.mark.parametrize("t,k,e,bm", [(1, 8, 160, 16), (37, 8, 8, 16), (64, 8, 160, 16), (300, 2, 3, 64), (5, 4, 4, 64)])
+def test_used_blocks_bounds_the_filled_blocks(gen, t, k, e, bm):
+    """The GEMM grids stop at ``used_blocks``: never below the blocks the permutation fills
+    (random routing, one pair per expert, everything on one expert), and tight for one token."""
+    from glm45_ops.reference.moe import moe_align_block_size_ref
+    from triton_ops import moe as tm
+
+    routings = [torch.rand(t, e, generator=gen).topk(k, dim=1).indices, torch.zeros(t, k, dtype=torch.long),
+                torch.arange(t * k).remainder(e).view(t, k)]
+    for ids in routings:
+        _, block_expert, num_padded = moe_align_block_size_ref(ids.int(), e, bm)
+        filled = int(num_padded) // bm
+        assert filled <= tm.used_blocks(t * k, e, bm, block_expert.numel()) <= block_expert.numel()
+        assert (block_expert[filled:] == -1).all()
+    assert tm.used_blocks(8, 160, 16) == 9  # GLM-4.5, one token: 9 row blocks, not 150

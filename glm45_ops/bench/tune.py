@@ -169,7 +169,7 @@ def problem_inputs(model: ModelConfig, layout: Layout, m: int, fp8: bool, device
                    gen: torch.Generator) -> tuple:
     """``fused_moe``'s arguments for M tokens on one rank: random activations and experts (FP8:
     quantized in 128 x 128 blocks), each token routed to top-k of all the model's experts, so an
-    EP rank sees the ids of other ranks' experts too (they contribute nothing here), as the
+    EP rank gets the slots of its own experts and -1 for the others' (skipped), as the
     benchmark cases do; with fused shared experts, routed to them too, as ``MoE`` routes."""
     from glm45_ops import quant
     from glm45_ops.bench.case import randn
@@ -180,6 +180,7 @@ def problem_inputs(model: ModelConfig, layout: Layout, m: int, fp8: bool, device
     w13 = randn((layout.experts, 2 * layout.inter, h), torch.bfloat16, device, gen, std=h**-0.5)
     w2 = randn((layout.experts, h, layout.inter), torch.bfloat16, device, gen, std=layout.inter**-0.5)
     ids = torch.rand((m, model.n_routed_experts), generator=gen, device=device).topk(k, dim=1).indices.to(torch.int32)
+    ids = torch.where(ids < layout.experts, ids, -1)  # EP: other ranks' slots are -1 (skipped)
     wts = torch.rand((m, k), generator=gen, device=device)
     if layout.shared:
         wts, ids = append_shared_routing(wts, ids, model.n_routed_experts, layout.shared)

@@ -12,14 +12,8 @@ of the other ranks' tokens. Against single-process ``fused_moe`` on all experts 
 fp32 sum over the k slots by rank and, in bf16/fp16 (and the bf16 output of FP8 weights), rounds
 each rank's partial once more: within ``fused_moe``'s own tolerance table
 (``glm45_ops.moe.fused.SIMILARITY_LIMIT``). A token all of whose slots live on one rank gets
-exactly that rank's ``fused_moe`` result (when ``k <= E/W``, below). Ids are global, in
-``[0, E)`` or -1 (a slot computed nowhere, as in ``fused_moe``).
-
-A rank holding fewer experts than the k slots (160 experts over 32 ranks: 5 each, top-8) gets one
-slot per local expert instead, each carrying the summed weight of the token's slots on that
-expert (one slot's weight unless routing repeats an expert): ``fused_moe`` takes at most E slots,
-and the weights then meet the expert outputs in expert order rather than slot order, another
-regrouping of the same fp32 sum.
+exactly that rank's ``fused_moe`` result. Ids are global, in ``[0, E)`` or -1 (a slot computed
+nowhere, as in ``fused_moe``).
 
 Protocol (three collectives, one host sync), per rank:
 
@@ -31,8 +25,7 @@ Protocol (three collectives, one host sync), per rank:
    here (the one sync: it stops CUDA-graph capture of the MoE layer).
 4. ``all_to_all_single`` of the rows, each packed as bytes: ``x[t]``, then the k ids shifted into
    ``d``'s local range (-1 for slots on other ranks, so ``fused_moe`` skips them) as int32, then
-   the k fp32 routing weights (per local expert when k > E/W, above), padded to 16 bytes (the
-   rows stay 16-byte aligned for the GEMMs).
+   the k fp32 routing weights, padded to 16 bytes (the rows stay 16-byte aligned for the GEMMs).
    One message instead of three; bytes also carry dtypes gloo lacks.
 5. ``fused_moe`` on the received rows with the local experts: one partial row per received row.
 6. ``all_to_all_single`` of the partials back (splits swapped), arriving in the order sent.
@@ -101,7 +94,7 @@ def ep_fused_moe(
     ``w2_local`` ``[E/W, H, I]`` (and FP8 scales) are this rank's experts ``local_experts(E,
     group)``; ``topk_weights`` fp32 and ``topk_ids`` ``[T, k]`` route to global expert ids in
     ``[0, num_experts)`` or -1 (skipped; other ids raise for CPU tensors and are skipped on the
-    GPU, as in ``fused_moe``), ``k <= num_experts`` -> ``[T, H]`` in x's dtype. Everything else
+    GPU, as in ``fused_moe``) -> ``[T, H]`` in x's dtype. Everything else
     (dtypes, H and I multiples of 16, FP8 blocks) is ``fused_moe``'s contract; ``backend`` is passed to it. The module
     docstring defines the result and the exchange (three ``all_to_all_single`` calls and one host
     read of the row counts, which this API's list-valued split sizes make unavoidable: DeepEP's
@@ -134,31 +127,21 @@ def ep_fused_moe(
 
     # 4. dispatch: rows sorted by destination, then token (nonzero's row-major order)
     d_idx, t_idx = torch.nonzero_static(hit.t(), size=sent).unbind(1)
-    mine = dest[t_idx] == d_idx[:, None]
-    local = ids[t_idx] - d_idx[:, None] * per_rank
-    wts = topk_weights[t_idx]
-    if k <= per_rank:
-        local_ids = torch.where(mine, local, NOT_HERE)
-    else:  # fewer local experts than slots (fused_moe needs k <= E): one slot per local expert
-        experts_here = torch.arange(per_rank, device=dev)
-        on = mine[:, :, None] & (local[:, :, None] == experts_here)  # [rows, k, E/W]
-        wts = torch.where(on, wts[:, :, None], 0.0).sum(1)  # a fixed-order sum: deterministic
-        local_ids = torch.where(on.any(1), experts_here, NOT_HERE)
-    slots = local_ids.shape[1]
+    local_ids = torch.where(dest[t_idx] == d_idx[:, None], ids[t_idx] - d_idx[:, None] * per_rank, NOT_HERE)
     x_bytes = h * x.element_size()
-    meta_bytes = cdiv(8 * slots, _ROW_ALIGN) * _ROW_ALIGN
+    meta_bytes = cdiv(8 * k, _ROW_ALIGN) * _ROW_ALIGN
     send = torch.empty((sent, x_bytes + meta_bytes), dtype=torch.uint8, device=dev)
     send[:, :x_bytes] = x[t_idx].view(torch.uint8)
-    send[:, x_bytes:x_bytes + 4 * slots] = local_ids.to(torch.int32).view(torch.uint8)
-    send[:, x_bytes + 4 * slots:x_bytes + 8 * slots] = wts.view(torch.uint8)
-    send[:, x_bytes + 8 * slots:] = 0  # no uninitialised memory on the wire
+    send[:, x_bytes:x_bytes + 4 * k] = local_ids.to(torch.int32).view(torch.uint8)
+    send[:, x_bytes + 4 * k:x_bytes + 8 * k] = topk_weights[t_idx].view(torch.uint8)
+    send[:, x_bytes + 8 * k:] = 0  # no uninitialised memory on the wire
     recv = torch.empty((received, send.shape[1]), dtype=torch.uint8, device=dev)
     dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
 
     # 5. the local experts on every received row (views into the packed rows: no copies)
     partial = fused_moe(recv[:, :x_bytes].view(x.dtype), w13_local, w2_local,
-                        recv[:, x_bytes + 4 * slots:x_bytes + 8 * slots].view(torch.float32),
-                        recv[:, x_bytes:x_bytes + 4 * slots].view(torch.int32), w13_scale, w2_scale, backend=backend)
+                        recv[:, x_bytes + 4 * k:x_bytes + 8 * k].view(torch.float32),
+                        recv[:, x_bytes:x_bytes + 4 * k].view(torch.int32), w13_scale, w2_scale, backend=backend)
 
     # 6. partials back to their tokens' ranks
     back = torch.empty((sent, h), dtype=x.dtype, device=dev)

@@ -157,7 +157,16 @@ def test_a_layout_the_preset_lacks_exits_2(capsys, monkeypatch):
                            "argument --layouts: small has no TP8+shared (no shared expert to fuse)")
 
 
-@pytest.mark.parametrize("shared", [0, 1], ids=["routed", "shared"])
+def test_ep_inputs_give_other_ranks_slots_minus_one():
+    """An EP8 rank's inputs: its own experts' ids, -1 for the slots of the other ranks'."""
+    model = preset("small")
+    lay = next(x for x in tune.layouts(model) if x.name == "EP8")
+    ids = tune.problem_inputs(model, lay, 64, False, torch.device("cpu"), torch.Generator())[4]
+    assert ((ids == -1) | ((ids >= 0) & (ids < lay.experts))).all()
+    assert (ids == -1).any() and (ids >= 0).any()
+
+
+@pytest.mark.parametrize("shared", [0, 1, "ep"], ids=["routed", "shared", "EP8"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
 def test_measure_functions_run_the_op_under_each_candidate(dtype, shared):
     """The GPU run's time and check functions, on the CPU (Triton in the interpreter) with a
@@ -167,7 +176,10 @@ def test_measure_functions_run_the_op_under_each_candidate(dtype, shared):
     if "triton" not in cpu_backends() and not torch.cuda.is_available():
         pytest.skip("Triton cannot run here")
     model = preset("small")
-    layout = tune.Layout("TP8", model.n_routed_experts + shared, model.moe_intermediate_size // 8, shared)
+    if shared == "ep":
+        layout = next(x for x in tune.layouts(model) if x.name == "EP8")
+    else:
+        layout = tune.Layout("TP8", model.n_routed_experts + shared, model.moe_intermediate_size // 8, shared)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     calls = []
     time_fn, check_fn = tune.measure_functions(model, layout, dtype, device, lambda fn: (calls.append(fn()), 1.5)[1])

@@ -175,8 +175,12 @@ def test_expert_ids_outside_the_contract_raise_on_cpu(gen):
             assert torch.ops.glm45.moe_align_block_size(wrong, 5, 16)[1].shape == (padded_size(8, 5, 16) // 16,)
     ids[0] = -1  # -1 is a slot computed elsewhere: allowed, contributes nothing
     torch.testing.assert_close(moe.fused_moe(x, w13, w2, wts, ids)[0], torch.zeros(32))
-    with pytest.raises(ValueError, match="topk_ids has k=6 slots per token, more than the E=5 experts"):
-        moe.fused_moe(x, w13, w2, torch.ones(4, 6), torch.full((4, 6), -1, dtype=torch.int32))
+    # more slots than local experts: an expert-parallel rank (the rest -1), or a repeated expert
+    many = torch.full((4, 6), -1, dtype=torch.int32)
+    many[:, 0], many[:, 1] = 2, 2
+    w6 = torch.rand(4, 6)
+    want = moe.fused_moe(x, w13, w2, (w6[:, 0] + w6[:, 1])[:, None], many[:, :1])
+    torch.testing.assert_close(moe.fused_moe(x, w13, w2, w6, many), want, rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

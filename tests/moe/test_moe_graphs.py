@@ -1,5 +1,6 @@
 """The MoE ops in CUDA graphs (GPU): a decode step's routing, permutation and experts must not
-sync the host, so they can be captured; the replays, on new inputs copied into the captured
+sync the host, so they can be captured (``glm45_ops.bench.timing.capture``, the benchmarks' own:
+an eager call with syncs made errors first); the replays, on new inputs copied into the captured
 buffers, equal eager calls on those inputs."""
 
 from __future__ import annotations
@@ -8,27 +9,10 @@ import pytest
 import torch
 
 from glm45_ops import moe
+from glm45_ops.bench.timing import capture
 from glm45_ops.quant import per_block_quant_fp8
 
 pytestmark = pytest.mark.gpu
-
-
-def _capture(fn):
-    """Eager call with syncs made errors, warm-up on a side stream, then the capture."""
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fn()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 def _routing(t, e, k, gen):
@@ -60,7 +44,10 @@ def test_decode_moe_replays_equal_eager_calls(t, fp8, path):
         wts, ids = moe.moe_route(logits, bias, k, 1, 1, True, 2.5, backend="cuda")
         return experts(x, w13, w2, wts, ids, s13, s2, backend=backend)
 
-    graph, out = _capture(step)
+    outs = []
+    graph, why = capture(lambda: outs.append(step()))  # the sync check, the warm-up, then the capture
+    assert graph is not None, why
+    out = outs[-1]  # the captured call's output: what every replay rewrites
     for _ in range(3):
         x.copy_(torch.randn(t, h, generator=gen, device="cuda"))
         new_logits, new_bias = _routing(t, e, k, gen)

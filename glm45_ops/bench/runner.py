@@ -42,6 +42,7 @@ class Result:
     flops: int = 0
     intensity: float = 0.0
     timing: str = ""
+    op_call: bool = False  # the row times one call of one of our ops (which must be CUDA-graph safe)
     repro: str = ""
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -104,6 +105,7 @@ def run_case(
                  intensity=case.intensity, repro=repro(case, [backend]), params=case.params)
     try:
         fn = case.make(backend, device, _gen(device))
+        res.op_call = isinstance(fn, OpRun)
         if refcheck:
             res.refcheck = _refcheck(case, backend, fn(), device)
         t = time_fn(fn, device, iters, cuda_graph)

@@ -306,3 +306,22 @@ def test_deep_gemm_layout_pads_each_group():
     want = torch.full((512,), -1, dtype=torch.int32)
     want[:3], want[128:258], want[384] = 0, 2, 3
     assert torch.equal(m_indices, want)
+
+
+def test_an_op_call_timed_eagerly_for_a_host_sync_fails_the_run(monkeypatch, capsys):
+    """What a GPU run does when a call cannot be captured (simulated: the timer reports the
+    fallback): our Triton kernel's row is NOT GRAPH-SAFE and the run exits 1; the torch
+    reference's row is only marked."""
+    from glm45_ops.bench import runner
+    from glm45_ops.bench.timing import EAGER, Timing
+
+    if "triton" not in cpu_backends():
+        pytest.skip("Triton cannot run here")
+    fallback = Timing(5.0, 4.0, 6.0, f"{EAGER}: syncs the host (RuntimeError: boom); do_bench")
+    monkeypatch.setattr(runner, "time_fn", lambda *a, **k: fallback)
+    rc = cli.main(["quant", "--backends", "torch,triton", "--cases", "=per_token_group_quant_fp8 M=64", "--iters", "1"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "NOT GRAPH-SAFE: per_token_group_quant_fp8 M=64 [triton]: syncs the host (RuntimeError: boom)" in out
+    assert "[torch]" not in out.split("NOT GRAPH-SAFE")[-1] and out.count("NOT GRAPH-SAFE") == 1
+    assert "* timed eagerly, torch on 1 case(s)" in out and "* timed eagerly, triton on 1 case(s)" in out

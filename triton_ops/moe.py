@@ -14,7 +14,8 @@ expert MLP (definitions: glm45_ops/reference/moe.py).
   quantized 1 x 128 (FP8: one 128-wide tile is one scale group). A block whose expert is -1
   (past the used segments) returns at once: experts without tokens cost nothing.
 * ``_moe_down_kernel``: ``h @ w2[e]^T`` times the routing weight, written to the pair's own row
-  of an fp32 ``[T*k, H]`` buffer that one ``sum`` over k combines.
+  of an fp32 ``[T*k, H]`` buffer; ``_moe_combine_kernel`` sums each token's local slots in slot
+  order (deterministic, no atomics) into the output, in x's dtype.
 
 FP8 GEMMs promote per 128-wide K slice (``fp8_block_gemm``'s recipe), the last slice masked when
 K is not a multiple of 128 (GLM-4.5's TP8 width I = 192, Air's 176).
@@ -35,6 +36,7 @@ QUANT_GROUP = 128
 H200_SMS = 132
 SPLIT_K_MIN_TILES = 4  # K tiles per gate-up slice at least
 SPLIT_K_MAX_BYTES = 8 << 20  # fp32 partials of a split gate-up GEMM
+COMBINE_BLOCK_H = 1024  # columns per combine program
 
 
 @triton.jit
@@ -100,8 +102,10 @@ def _moe_align_kernel(
     n, E, P, num_blocks,
     BLOCK_SIZE: tl.constexpr, E_P: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Decode sizes: everything in one program (one launch)."""
+    """Decode sizes: everything in one program (one launch: it zeroes its own counters)."""
     _fill(sorted_ptr, 0, P, n, CHUNK)
+    _fill(cursor_ptr, 0, E, 0, CHUNK)
+    tl.debug_barrier()
     _count_pairs(ids_ptr, cursor_ptr, 0, n, E, CHUNK)
     tl.debug_barrier()
     experts = tl.arange(0, E_P)
@@ -119,6 +123,8 @@ def _moe_align_count_kernel(ids_ptr, sorted_ptr, counts_ptr, n, E, P, SPAN: tl.c
     the experts of its span of pairs into row c of ``counts`` ``[programs, E]``."""
     c = tl.program_id(0)
     _fill(sorted_ptr, c * SPAN, tl.minimum(c * SPAN + SPAN, P), n, CHUNK)
+    _fill(counts_ptr + c * E, 0, E, 0, CHUNK)  # its own row: no memset launch before this one
+    tl.debug_barrier()
     _count_pairs(ids_ptr, counts_ptr + c * E, c * SPAN, tl.minimum(c * SPAN + SPAN, n), E, CHUNK)
 
 
@@ -343,6 +349,22 @@ def _moe_down_kernel(
              mask=valid[:, None] & nmask[None, :])
 
 
+@triton.jit
+def _moe_combine_kernel(y_ptr, ids_ptr, out_ptr, H, E, stride_ym, stride_om,
+                        TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_ON_GRID: tl.constexpr):
+    """``out[t] = sum_j y[t*k + j]`` over the slots whose expert is local (id in [0, E)), in slot
+    order in fp32, rounded once into out's dtype: the rows of other slots were never written."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in range(TOP_K):
+        e = tl.load(ids_ptr + t * TOP_K + j)
+        if (e >= 0) & (e < E):
+            acc += tl.load(y_ptr + (t * TOP_K + j) * stride_ym + cols, mask=cmask, other=0.0)
+    tl.store(out_ptr + t * stride_om + cols, to_out_dtype(acc, out_ptr.dtype.element_ty, ROUND_ON_GRID), mask=cmask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
@@ -355,13 +377,13 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     n, p, nb, dev = topk_ids.numel(), sorted_ids.numel(), block_expert.numel(), topk_ids.device
     e_p = triton.next_power_of_2(num_experts)
     if n <= span:
-        cursor = torch.zeros(num_experts, dtype=torch.int32, device=dev)
+        cursor = torch.empty(num_experts, dtype=torch.int32, device=dev)
         _moe_align_kernel[(1,)](topk_ids, sorted_ids, block_expert, num_padded, cursor, n, num_experts, p, nb,
                                 BLOCK_SIZE=block_size, E_P=e_p, CHUNK=ALIGN_CHUNK, num_warps=4)
         return
     # The count step's programs also fill the padding, so they cover P >= n entries.
     spans = triton.cdiv(p, span)
-    counts = torch.zeros(spans, num_experts, dtype=torch.int32, device=dev)
+    counts = torch.empty(spans, num_experts, dtype=torch.int32, device=dev)
     _moe_align_count_kernel[(spans,)](topk_ids, sorted_ids, counts, n, num_experts, p, SPAN=span, CHUNK=ALIGN_CHUNK,
                                       num_warps=4)
     _moe_align_scan_kernel[(1,)](counts, block_expert, num_padded, spans, num_experts, p, nb,
@@ -402,10 +424,10 @@ def gate_up_split_k(num_pairs: int, num_experts: int, block_m: int, block_n: int
     return max(1, min(split, SPLIT_K_MAX_BYTES // max(per_split, 1)))
 
 
-def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids, block_expert, top_k, config,
-              i_offset: int = 0) -> torch.Tensor:
-    """The two grouped GEMMs over permuted rows -> fp32 ``[T*k, H]`` weighted expert outputs
-    (rows of pairs no local expert took stay 0). ``x``/``w`` e4m3 with scales for FP8, else
+def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, sorted_ids, block_expert, top_k,
+              config, out, i_offset: int = 0) -> None:
+    """The two grouped GEMMs over permuted rows, then the combine into ``out`` ``[T, H]`` (x's
+    activation dtype; contiguous ``topk_ids`` say which slots are local). ``x``/``w`` e4m3 with scales for FP8, else
     bf16/fp16/fp32. ``config``: vLLM-style block sizes from ``triton_ops.moe_configs.get_config``
     (its ``BLOCK_SIZE_M`` is the block ``sorted_ids`` was padded to; FP8 tiles are 128 wide, one
     scale block / quantization group each); under the interpreter, BF16 tiles span whole dims
@@ -454,7 +476,7 @@ def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids
             part.stride(0), part.stride(1), act.stride(0), act_s.stride(0), act_s.stride(-1),
             **common, num_warps=4,
         )
-    y = torch.zeros((n, h), dtype=torch.float32, device=dev)
+    y = torch.empty((n, h), dtype=torch.float32, device=dev)  # rows of non-local slots are never read
     block_k2 = triton.next_power_of_2(max(inter, 16)) if interp and not fp8 else config["BLOCK_SIZE_K"]
     block_n2 = triton.next_power_of_2(max(h, 16)) if interp else config["BLOCK_SIZE_N"]
     grid2 = (grid1[0], triton.cdiv(h, block_n2))
@@ -466,7 +488,9 @@ def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, sorted_ids
         BLOCK_M=block_m, BLOCK_N=block_n2, BLOCK_K=block_k2, FP8=fp8, HAS_OFFSET=i_offset != 0, UPCAST=upcast,
         **launch,
     )
-    return y
+    block_h = min(triton.next_power_of_2(h), COMBINE_BLOCK_H)
+    _moe_combine_kernel[(t, triton.cdiv(h, block_h))](y, topk_ids, out, h, w13.shape[0], y.stride(0), out.stride(0),
+                                                      TOP_K=top_k, BLOCK_H=block_h, ROUND_ON_GRID=interp, num_warps=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,5 +589,13 @@ COMPILE_SPECS = [
     *(_gate_up_spec(fp8, bm) for fp8 in (False, True) for bm in (16, 64)),
     *(_gate_up_spec(fp8, 16, split=10) for fp8 in (False, True)),
     *(_swiglu_spec(fp8) for fp8 in (False, True)),
+    CompileSpec(
+        label="top-8 bf16", kernel=_moe_combine_kernel,
+        signature={"y_ptr": "*fp32", "ids_ptr": "*i32", "out_ptr": "*bf16", "H": "i32", "E": "i32",
+                   "stride_ym": "i32", "stride_om": "i32", "TOP_K": "constexpr", "BLOCK_H": "constexpr",
+                   "ROUND_ON_GRID": "constexpr"},
+        constexprs={"TOP_K": 8, "BLOCK_H": COMBINE_BLOCK_H, "ROUND_ON_GRID": False}, options={"num_warps": 4},
+        aligned=("H", "stride_ym", "stride_om"),
+    ),
     *(_down_spec(fp8, bm) for fp8 in (False, True) for bm in (16, 64)),
 ]

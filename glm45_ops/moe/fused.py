@@ -123,9 +123,9 @@ def _fused_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_off
         a, a_scale = per_token_group_quant_fp8(x, QUANT_GROUP, backend="triton")
     else:
         a, a_scale = x, None
-    y = tm.fused_moe(a, a_scale, w13, w13_scale, w2, w2_scale, topk_weights.contiguous(), sorted_ids, block_expert,
-                     k, config, i_offset)
-    return out.copy_(y.view(t, k, h).sum(1))
+    tm.fused_moe(a, a_scale, w13, w13_scale, w2, w2_scale, topk_weights.contiguous(), topk_ids.contiguous(),
+                 sorted_ids, block_expert, k, config, out, i_offset)
+    return out
 
 
 def _compare(got, want, args) -> str | None:

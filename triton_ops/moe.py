@@ -37,6 +37,7 @@ H200_SMS = 132
 SPLIT_K_MIN_TILES = 4  # K tiles per gate-up slice at least
 SPLIT_K_MAX_BYTES = 8 << 20  # fp32 partials of a split gate-up GEMM
 COMBINE_BLOCK_H = 1024  # columns per combine program
+QUANT_X_MAX_PAIRS = 512  # FP8 up to this many (token, slot) pairs: x quantized in the gate-up kernel
 
 
 @triton.jit
@@ -223,12 +224,15 @@ def _moe_gate_up_kernel(
     stride_hm, stride_hsm, stride_hsk, stride_ps, stride_pm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FP8: tl.constexpr, ROW_SCALES: tl.constexpr, HAS_OFFSET: tl.constexpr, UPCAST: tl.constexpr,
-    ROUND_ON_GRID: tl.constexpr, SPLIT_K: tl.constexpr,
+    ROUND_ON_GRID: tl.constexpr, SPLIT_K: tl.constexpr, QUANT_X: tl.constexpr,
 ):
     """Gate and up tiles of one (row block, I tile) over all of H, SwiGLU in the epilogue; or,
     with ``SPLIT_K`` > 1, over K slice ``program_id(2)`` (``k_per_split`` columns of H, a multiple
     of BLOCK_K), the fp32 partial sums stored to ``part`` ``[SPLIT_K, T*k, 2, tiles*BLOCK_N]``
-    (by pair, so padding rows cost nothing) for ``_moe_swiglu_kernel`` to finish."""
+    (by pair, so padding rows cost nothing) for ``_moe_swiglu_kernel`` to finish. ``QUANT_X``
+    (FP8, decode sizes): x is bf16 and each program quantizes its own 1 x 128 groups of it as
+    it loads them (the quantizer's exact math, so the same bytes as ``per_token_group_quant_fp8``),
+    one launch fewer where launches, not bytes, are the cost."""
     pid_n = tl.program_id(1)
     e, rows, pair, valid = _block_pairs(block_expert_ptr, sorted_ptr, num_pairs, BLOCK_M)
     if e < 0:
@@ -247,13 +251,17 @@ def _moe_gate_up_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kmask = k0 + offs_k < H
         a = tl.load(x_ptr + token[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+        if QUANT_X:
+            a_bits, a_s = _quant_tile_e4m3(a.to(tl.float32), ROUND_ON_GRID)
+            a = a_bits.to(tl.float8e4nv, bitcast=True)
+        elif FP8:
+            a_s = tl.load(xs_ptr + token * stride_xsm + (k0 // BLOCK_K) * stride_xsk, mask=valid, other=0.0)
         wmask = kmask[:, None] & nmask[None, :]
         wg = tl.load(w_rows + (k0 + offs_k)[:, None], mask=wmask, other=0.0)
         wu = tl.load(w_rows + I * stride_wn + (k0 + offs_k)[:, None], mask=wmask, other=0.0)
         if UPCAST:  # the interpreter's bf16 dot is wrong (KNOWLEDGE.md §2); fp8 and fp32 are right
             a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
         if FP8:
-            a_s = tl.load(xs_ptr + token * stride_xsm + (k0 // BLOCK_K) * stride_xsk, mask=valid, other=0.0)
             s_base = ws_ptr + e * stride_wse + (k0 // BLOCK_K) * stride_wsk
             if ROW_SCALES:  # one scale per w13 row (a shard's scales, expanded from its blocks)
                 s_g = tl.load(s_base + offs_n * stride_wsn, mask=nmask, other=0.0)
@@ -424,10 +432,19 @@ def gate_up_split_k(num_pairs: int, num_experts: int, block_m: int, block_n: int
     return max(1, min(split, SPLIT_K_MAX_BYTES // max(per_split, 1)))
 
 
+def quantizes_x(num_pairs: int) -> bool:
+    """Whether FP8 ``fused_moe`` quantizes x inside its gate-up kernel (decode sizes, where a
+    launch costs more than the programs' redundant quantization of their tiles) rather than in
+    ``per_token_group_quant_fp8`` first (then ``x_scale`` is given)."""
+    return num_pairs <= QUANT_X_MAX_PAIRS
+
+
 def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, sorted_ids, block_expert, top_k,
               config, out, i_offset: int = 0) -> None:
     """The two grouped GEMMs over permuted rows, then the combine into ``out`` ``[T, H]`` (x's
-    activation dtype; contiguous ``topk_ids`` say which slots are local). ``x``/``w`` e4m3 with scales for FP8, else
+    activation dtype; contiguous ``topk_ids`` say which slots are local). FP8: ``x`` e4m3 with
+    ``x_scale``, or bf16 with ``x_scale`` None (quantized in the gate-up kernel:
+    :func:`quantizes_x`). ``w`` e4m3 with scales for FP8, else
     bf16/fp16/fp32. ``config``: vLLM-style block sizes from ``triton_ops.moe_configs.get_config``
     (its ``BLOCK_SIZE_M`` is the block ``sorted_ids`` was padded to; FP8 tiles are 128 wide, one
     scale block / quantization group each); under the interpreter, BF16 tiles span whole dims
@@ -452,7 +469,8 @@ def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, 
     else:
         act = torch.empty((rows, inter), dtype=x.dtype, device=dev)
         act_s = act  # unused
-    dummy = x_scale if fp8 else x
+    quant_x = fp8 and x_scale is None
+    dummy = x_scale if fp8 and not quant_x else x
     upcast = interp and not fp8
     n_tiles = triton.cdiv(inter + i_offset, block_n)
     k_per_split = triton.cdiv(triton.cdiv(h, block_k), split) * block_k
@@ -468,7 +486,8 @@ def fused_moe(x, x_scale, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, 
         x.stride(0), dummy.stride(0), dummy.stride(-1), w13.stride(0), w13.stride(1),
         *((w13_scale.stride(0), w13_scale.stride(1), w13_scale.stride(2)) if fp8 else (0, 0, 0)),
         act.stride(0), act_s.stride(0), act_s.stride(-1), *((part.stride(0), part.stride(1)) if split > 1 else (0, 0)),
-        BLOCK_K=block_k, ROW_SCALES=fp8 and row_scales(w13, w13_scale), UPCAST=upcast, **common, **launch,
+        BLOCK_K=block_k, ROW_SCALES=fp8 and row_scales(w13, w13_scale), UPCAST=upcast, QUANT_X=quant_x, **common,
+        **launch,
     )
     if split > 1:
         _moe_swiglu_kernel[grid1[:2]](
@@ -505,8 +524,10 @@ def _default(fp8: bool, block_m: int) -> dict:
 
 
 def _gate_up_spec(fp8: bool, block_m: int, split: int = 1) -> CompileSpec:
-    x_t = "*fp8e4nv" if fp8 else "*bf16"
-    sig = {"x_ptr": x_t, "xs_ptr": "*fp32", "w_ptr": x_t, "ws_ptr": "*fp32", "h_ptr": "*u8" if fp8 else "*bf16",
+    quant_x = fp8 and block_m == 16  # decode sizes: x quantized in the kernel (quantizes_x)
+    x_t = "*fp8e4nv" if fp8 and not quant_x else "*bf16"
+    sig = {"x_ptr": x_t, "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv" if fp8 else "*bf16", "ws_ptr": "*fp32",
+           "h_ptr": "*u8" if fp8 else "*bf16",
            "hs_ptr": "*fp32", "part_ptr": "*fp32", "sorted_ptr": "*i32", "block_expert_ptr": "*i32",
            "num_pairs": "i32", "top_k": "i32", "H": "i32", "I": "i32", "i_offset": "i32", "k_per_split": "i32",
            **{s: "i32" for s in ("stride_xm", "stride_xsm", "stride_xsk", "stride_we", "stride_wn", "stride_wse",
@@ -514,14 +535,15 @@ def _gate_up_spec(fp8: bool, block_m: int, split: int = 1) -> CompileSpec:
                                  "stride_pm")},
            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "FP8": "constexpr",
            "ROW_SCALES": "constexpr", "HAS_OFFSET": "constexpr", "UPCAST": "constexpr", "ROUND_ON_GRID": "constexpr",
-           "SPLIT_K": "constexpr"}
+           "SPLIT_K": "constexpr", "QUANT_X": "constexpr"}
     cfg = _default(fp8, block_m)
     bn, bk = cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
     return CompileSpec(
         label=f"{'fp8' if fp8 else 'bf16'} BLOCK_M={block_m}" + (f" SPLIT_K={split}" if split > 1 else ""),
         kernel=_moe_gate_up_kernel, signature=sig,
         constexprs={"BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "FP8": fp8, "ROW_SCALES": False,
-                    "HAS_OFFSET": False, "UPCAST": False, "ROUND_ON_GRID": False, "SPLIT_K": split},
+                    "HAS_OFFSET": False, "UPCAST": False, "ROUND_ON_GRID": False, "SPLIT_K": split,
+                    "QUANT_X": quant_x},
         options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
         aligned=("H", "I", "k_per_split", "stride_xm", "stride_we", "stride_wn", "stride_hm", "stride_ps", "stride_pm"),
     )

@@ -119,9 +119,9 @@ def _fused_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_off
     config = get_config(w2.shape[0], w2.shape[2], h, t, w13.dtype, FP8_BLOCK_SHAPE if fp8 else None,
                         gpu_name(x.device), top_k=k)
     sorted_ids, block_expert, _ = moe_align_block_size(topk_ids, w13.shape[0], config["BLOCK_SIZE_M"], backend="triton")
-    if w13_scale is not None:
+    if w13_scale is not None and not tm.quantizes_x(topk_ids.numel()):
         a, a_scale = per_token_group_quant_fp8(x, QUANT_GROUP, backend="triton")
-    else:
+    else:  # BF16, or FP8 x quantized inside the gate-up kernel
         a, a_scale = x, None
     tm.fused_moe(a, a_scale, w13, w13_scale, w2, w2_scale, topk_weights.contiguous(), topk_ids.contiguous(),
                  sorted_ids, block_expert, k, config, out, i_offset)

@@ -59,3 +59,24 @@ def test_used_blocks_bounds_the_filled_blocks(gen, t, k, e, bm):
         assert filled <= tm.used_blocks(t * k, e, bm, block_expert.numel()) <= block_expert.numel()
         assert (block_expert[filled:] == -1).all()
     assert tm.used_blocks(8, 160, 16) == 9  # GLM-4.5, one token: 9 row blocks, not 150
+
+
+@pytest.mark.parametrize("device", sorted({d for d, b in device_backends() if b == "triton"}))
+@pytest.mark.parametrize("t,h", [(1, 1024), (5, 208), (64, 256)])
+def test_x_quantized_in_the_gate_up_kernel_gives_the_same_bits(gen, device, t, h, monkeypatch):
+    """FP8 decode sizes quantize x inside the gate-up kernel: the same bytes and scales as
+    ``per_token_group_quant_fp8`` (a partial last group at H=208, a NaN and an inf in x), so the
+    output is bit-identical to the two-launch path, split K (t=1) or not."""
+    from glm45_ops.testing import assert_bit_equal
+    from triton_ops import moe as tm
+
+    x, w13, w2, wts, ids = make(t, h, 192, 5, 2, torch.float32, gen)
+    x[0, 3], x[-1, 130 % h] = float("inf"), float("nan")
+    (q13, s13), (q2, s2) = per_block_quant_fp8(w13), per_block_quant_fp8(w2)
+    args = [v.to(device) for v in (x.to(torch.bfloat16), q13, q2, wts, ids, s13, s2)]
+    got = {}
+    for fused in (True, False):
+        monkeypatch.setattr(tm, "quantizes_x", lambda pairs, fused=fused: fused)
+        got[fused] = moe.fused_moe(*args, backend="triton").cpu()
+    assert_bit_equal(got[True], got[False], "x quantized in the kernel vs per_token_group_quant_fp8")
+    assert torch.isnan(got[True][-1]).all() and torch.isfinite(got[True][1:-1]).all()

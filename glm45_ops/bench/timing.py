@@ -8,8 +8,8 @@ On the GPU a call is first captured as a CUDA graph and the graph's replay is wh
 that is how decode steps run in vLLM and SGLang, and it keeps the Python launch cost out of the
 number. Eagerly timed, a decode-sized MoE layer (a few microseconds of kernels behind ~100 us of
 dispatch, more than the L2 flush that otherwise hides it) would measure the interpreter, not the
-GPU. A call that syncs the host (found first under ``torch.cuda.set_sync_debug_mode("error")``,
-so no capture is left half done) or fails to capture is timed eagerly, and its method says why:
+GPU. A call that syncs the host (found first under ``torch.cuda.set_sync_debug_mode("error")``)
+or fails to capture is timed eagerly, and its method says why:
 for our ops that is a defect (they must stay CUDA-graph safe), for a peer a fact.
 """
 
@@ -45,9 +45,12 @@ EAGER = "eager"  # prefix of the method of a GPU row timed without a CUDA graph
 def capture(fn: Callable[[], Any]) -> tuple[Any, str]:
     """``(graph, "")``: one call of ``fn`` captured as a CUDA graph, or ``(None, why not)``.
 
-    ``fn`` runs once eagerly with synchronizing calls made errors, so a host sync is found
-    before any capture starts (a capture broken by a sync can leave the context unusable).
-    The warm-up runs on a side stream, as PyTorch's graph docs ask.
+    ``fn`` runs once eagerly with synchronizing calls made errors, so the common host syncs
+    (``.item()``, ``nonzero``, a device-to-host copy) are found before any capture starts. Syncs
+    that check misses (``torch.cuda.synchronize()``, a library's own ``cudaMemcpy``) break the
+    capture instead: then the stream current before it is restored (``torch.cuda.graph`` leaves
+    its capture stream current when ending an invalidated capture raises), so later rows run as
+    before. The warm-up runs on a side stream, as PyTorch's graph docs ask.
     """
     fn()  # compiles, autotunes and allocates: one-time host work a sync check must not see
     mode = torch.cuda.get_sync_debug_mode()
@@ -56,19 +59,23 @@ def capture(fn: Callable[[], Any]) -> tuple[Any, str]:
         torch.cuda.set_sync_debug_mode("error")
         fn()
     except Exception as e:
+        if "synchroniz" not in str(e):
+            raise  # not a sync: the call itself fails, as it would eagerly
         return None, f"syncs the host ({type(e).__name__}: {_first_line(e)})"
     finally:
         torch.cuda.set_sync_debug_mode(mode)
+    stream = torch.cuda.current_stream()
     try:
         side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side.wait_stream(stream)
         with torch.cuda.stream(side):
             fn()
-        torch.cuda.current_stream().wait_stream(side)
+        stream.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
     except Exception as e:
+        torch.cuda.set_stream(stream)
         torch.cuda.synchronize()
         return None, f"CUDA graph capture failed ({type(e).__name__}: {_first_line(e)})"
     return graph, ""

@@ -113,6 +113,8 @@ def _fused_triton(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_off
     t, h = x.shape
     if out.numel() == 0:
         return out
+    if topk_ids.numel() == 0:  # k = 0: no slot, a zero output (and no grid of zero programs)
+        return out.zero_()
     k = topk_ids.shape[1]
     fp8 = w13_scale is not None
     # tuned per (E, N, M) for this GPU where a table exists (triton_ops/configs/moe, vLLM's format)

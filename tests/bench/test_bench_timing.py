@@ -8,15 +8,20 @@ import torch
 
 from glm45_ops.bench.report import eager_fallback, table
 from glm45_ops.bench.runner import Result
-from glm45_ops.bench.timing import EAGER, time_gpu
+from glm45_ops.bench.timing import EAGER, capture, time_gpu
 
 @pytest.mark.gpu
 def test_graph_replay_is_timed_and_a_host_sync_falls_back():
     x = torch.randn(4096, 4096, device="cuda")
     out = torch.empty_like(x)
+    graph, why = capture(lambda: torch.mul(x, 2.0, out=out))
+    assert graph is not None and why == ""
+    out.zero_()
+    graph.replay()  # the replay, not the eager warm-ups, writes out now
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, x * 2.0)
     graphed = time_gpu(lambda: torch.mul(x, 2.0, out=out), rep_ms=10, warmup_ms=2)
     assert graphed.method.startswith("CUDA graph replay"), graphed.method
-    torch.testing.assert_close(out, x * 2.0)  # the replays ran the call
     synced = time_gpu(lambda: x.sum().item(), rep_ms=10, warmup_ms=2)
     assert synced.method.startswith(EAGER) and "syncs the host" in synced.method, synced.method
     asked = time_gpu(lambda: torch.mul(x, 2.0, out=out), rep_ms=10, warmup_ms=2, cuda_graph=False)
@@ -26,8 +31,26 @@ def test_graph_replay_is_timed_and_a_host_sync_falls_back():
                    timing=t.method) for t in (graphed, synced, asked)]
     assert [eager_fallback(r) is not None for r in rows] == [False, True, False]
     assert "* timed eagerly, triton on 1 case(s): syncs the host" in table(rows)
-    # the context still works after the refused capture
-    torch.testing.assert_close(torch.mul(x, 3.0), x * 3.0)
+
+
+@pytest.mark.gpu
+def test_a_sync_the_check_misses_breaks_the_capture_and_later_work_still_runs():
+    """torch.cuda.synchronize() is not caught by the sync debug mode: the capture fails, the
+    row is timed eagerly, and the stream current before it is current again."""
+    x = torch.randn(1024, device="cuda")
+    before = torch.cuda.current_stream()
+
+    def syncs():
+        y = x * 2.0
+        torch.cuda.synchronize()
+        return y
+
+    graph, why = capture(syncs)
+    assert graph is None and why.startswith("CUDA graph capture failed"), why
+    assert torch.cuda.current_stream() == before
+    torch.testing.assert_close(x * 3.0, x.cpu().cuda() * 3.0)  # the context still works
+    assert time_gpu(syncs, rep_ms=5, warmup_ms=1).method.startswith(EAGER)
+
 
 @pytest.mark.parametrize("timing,marked", [("CUDA graph replay, do_bench", False), (f"{EAGER}: as asked; do_bench", False),
                                            (f"{EAGER}: syncs the host (RuntimeError: x); do_bench", True),

@@ -80,3 +80,19 @@ def test_x_quantized_in_the_gate_up_kernel_gives_the_same_bits(gen, device, t, h
         got[fused] = moe.fused_moe(*args, backend="triton").cpu()
     assert_bit_equal(got[True], got[False], "x quantized in the kernel vs per_token_group_quant_fp8")
     assert torch.isnan(got[True][-1]).all() and torch.isfinite(got[True][1:-1]).all()
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_no_slots_give_zeros(gen, device, backend, fp8):
+    """k = 0 (every token's experts elsewhere, as a shape): a zero output on every backend."""
+    x, w13, w2, _, _ = make(3, 128, 64, 2, 1, torch.float32, gen)
+    s13 = s2 = None
+    if fp8:
+        (w13, s13), (w2, s2) = per_block_quant_fp8(w13), per_block_quant_fp8(w2)
+    else:
+        w13, w2 = w13.bfloat16(), w2.bfloat16()
+    args = (x.bfloat16(), w13, w2, torch.empty(3, 0), torch.empty(3, 0, dtype=torch.int32), s13, s2)
+    with poisoned_outputs():
+        got = moe.fused_moe(*(None if v is None else v.to(device) for v in args), backend=backend).cpu()
+    assert torch.equal(got, torch.zeros(3, 128, dtype=torch.bfloat16))

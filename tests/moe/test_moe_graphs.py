@@ -8,9 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import glm45_ops
 from glm45_ops import moe
 from glm45_ops.bench.timing import capture
 from glm45_ops.quant import per_block_quant_fp8
+from glm45_ops.testing import outputs_differ
 
 pytestmark = pytest.mark.gpu
 
@@ -26,7 +28,8 @@ def _routing(t, e, k, gen):
 @pytest.mark.parametrize("path", ["fused_moe", "fused_moe_grouped"])
 def test_decode_moe_replays_equal_eager_calls(t, fp8, path):
     """GLM-4.5 at TP8 (E=160, I=192; H cut to 1024 to keep it quick): route, then the experts
-    (the split-K gate-up path at these T), captured once and replayed on fresh inputs."""
+    (T=1: the split-K gate-up path), captured once and replayed on fresh inputs; the last
+    replay also against the torch reference under the op's rule."""
     gen = torch.Generator(device="cuda").manual_seed(t)
     e, k, h, inter = 160, 8, 1024, 192
     w13 = torch.randn(e, 2 * inter, h, generator=gen, device="cuda") * h**-0.5
@@ -55,3 +58,8 @@ def test_decode_moe_replays_equal_eager_calls(t, fp8, path):
         bias.copy_(new_bias)
         graph.replay()
         torch.testing.assert_close(out, step(), rtol=0, atol=0)  # same kernels, same inputs: same bits
+    wts, ids = moe.moe_route(logits, bias, k, 1, 1, True, 2.5, backend="torch")
+    args = (x, w13, w2, wts, ids, s13, s2)
+    op = glm45_ops.registered_ops()["fused_moe"]
+    why = outputs_differ(out, moe.fused_moe(*args, backend="torch"), op, op.bind(args, {}))
+    assert why is None, why

@@ -157,18 +157,26 @@ def _grouped_mm_peer(device, gen, x, w13, w2, wts, ids, *scales):
     return smoke("torch._grouped_mm", run)
 
 
-def _flashinfer_peer(device, gen, x, w13, w2, wts, ids, *scales):
+def _flashinfer_peer(device, gen, x, w13, w2, wts, ids, *scales, num_experts: int):
     """FlashInfer's CUTLASS fused MoE (``flashinfer.fused_moe.cutlass_fused_moe``), BF16 only:
-    its FP8 block-scale path takes another weight-scale layout and is not wired here. Slots of
-    other ranks' experts (-1) get weight 0 on expert 0, which computes them as we skip them."""
+    its FP8 block-scale path takes another weight-scale layout and is not wired here. Its fc1 is
+    ``[up; gate]`` (ours ``[gate; up]``: swapped once, untimed). Expert parallelism as it does
+    it: ids are global, ``ep_size = E / E_local``, and this is rank 0, so our -1 slots become an
+    id on another rank, which it skips as we do."""
     gpu_only("flashinfer", device)
     if scales and scales[0] is not None:
         raise Skip("flashinfer peer: BF16 weights only (its DeepSeek FP8 block-scale path is not wired)")
     fn = peer_import("flashinfer", "flashinfer.fused_moe", "cutlass_fused_moe")
-    local = ids >= 0
-    ids_fi = torch.where(local, ids, 0).int().contiguous()
-    wts_fi = torch.where(local, wts, 0.0).float().contiguous()
-    return smoke("flashinfer", lambda: fn(x, ids_fi, wts_fi, w13, w2, x.dtype, quant_scales=[]))
+    local_e, inter = w13.shape[0], w13.shape[1] // 2
+    ep_size = num_experts // local_e
+    ids_fi = torch.where(ids >= 0, ids, local_e).int().contiguous()  # expert local_e: rank 1's first
+    w31 = w13.view(local_e, 2, inter, -1).flip(1).reshape(w13.shape).contiguous()
+
+    def run():
+        out = fn(x, ids_fi, wts.contiguous(), w31, w2, x.dtype, quant_scales=[], ep_size=ep_size, ep_rank=0)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    return smoke("flashinfer", run)
 
 
 def _grouped_path_peer(device, gen, *args):
@@ -208,7 +216,8 @@ def _fused_case(cfg: ModelConfig, t: int, layout: str, local_e: int, inter: int,
         bytes_moved=int(hit * 3 * inter * h * wbytes + 2 * t * h * 2),
         flops=int(6 * pairs * h * inter),
         roofline="memory" if t <= 64 else ("compute:fp8" if fp8 else "compute:bf16"),
-        peers={"torch._grouped_mm": _grouped_mm_peer, "grouped GEMMs": _grouped_path_peer, "flashinfer": _flashinfer_peer},
+        peers={"torch._grouped_mm": _grouped_mm_peer, "grouped GEMMs": _grouped_path_peer,
+               "flashinfer": functools.partial(_flashinfer_peer, num_experts=e)},
         params={"T": t, "layout": layout, "E_local": local_e, "I": inter, "fp8": fp8, "experts_hit": hit, "pairs": pairs},
     )
 
@@ -309,12 +318,19 @@ def _deep_gemm_peer(device, gen, a, *rest):
         raise Skip(f"deep_gemm: none of {', '.join(names)} in this version")
     dst, m_indices = deep_gemm_layout(offsets, a.shape[0], int(align_fn()))
     m_pad = m_indices.numel()
-    a_pad = torch.zeros((m_pad, a.shape[1]), dtype=a.dtype, device=device).index_copy_(0, dst, a)
+    # through uint8: index_copy_ has no fp8 kernel
+    a_pad = torch.zeros((m_pad, a.shape[1]), dtype=a.dtype, device=device)
+    a_pad.view(torch.uint8).index_copy_(0, dst, a.view(torch.uint8))
     d = torch.empty((m_pad, n), dtype=torch.bfloat16, device=device)
-    if fp8:
-        a_s = torch.zeros((m_pad, rest[0].shape[1]), dtype=torch.float32, device=device).index_copy_(0, dst, rest[0])
-        return smoke("deep_gemm", lambda: fn((a_pad, a_s), (b, rest[2]), d, m_indices) or d)
-    return smoke("deep_gemm", lambda: fn(a_pad, b, d, m_indices) or d)
+    if not fp8:
+        return smoke("deep_gemm", lambda: fn(a_pad, b, d, m_indices) or d)
+    a_s = torch.zeros((m_pad, rest[0].shape[1]), dtype=torch.float32, device=device).index_copy_(0, dst, rest[0])
+    # its SM90 scale layout (MN-major, TMA-aligned) made once, untimed, so its call does not convert
+    to_layout = next((getattr(mod, x) for x in ("get_mn_major_tma_aligned_tensor", "get_col_major_tma_aligned_tensor")
+                      if hasattr(mod, x)), None)
+    if to_layout is not None:
+        a_s = to_layout(a_s)
+    return smoke("deep_gemm", lambda: fn((a_pad, a_s), (b, rest[2]), d, m_indices) or d)
 
 
 def _grouped_case(cfg: ModelConfig, t: int, layout: str, local_e: int, inter: int, which: str, fp8: bool) -> Case:

@@ -12,7 +12,10 @@ expert MLP (definitions: glm45_ops/reference/moe.py).
 * ``_moe_gate_up_kernel``: per block of ``BLOCK_M`` permuted rows (one expert), gate and up tiles
   of ``w13`` in the same program, ``h = silu(g) * u`` in the epilogue, stored in x's dtype, or
   quantized 1 x 128 (FP8: one 128-wide tile is one scale group). A block whose expert is -1
-  (past the used segments) returns at once: experts without tokens cost nothing.
+  (past the used segments) returns at once: experts without tokens cost nothing, and the grids
+  stop at a host-known bound of the filled blocks (:func:`used_blocks`). At decode sizes K is
+  split (:func:`gate_up_split_k`) into fp32 partials that ``_moe_swiglu_kernel`` sums in split
+  order before the same epilogue, and FP8 x is quantized in the kernel (:func:`quantizes_x`).
 * ``_moe_down_kernel``: ``h @ w2[e]^T`` times the routing weight, written to the pair's own row
   of an fp32 ``[T*k, H]`` buffer; ``_moe_combine_kernel`` sums each token's local slots in slot
   order (deterministic, no atomics) into the output, in x's dtype.

@@ -20,7 +20,7 @@
   ``torch._grouped_mm`` in BF16 over the same routing (sort, two grouped GEMMs, SwiGLU, weighted
   scatter), on a GPU; and ``fused_moe_grouped`` ("grouped GEMMs": the permutation, the grouped GEMM
   ops (CUTLASS on a GPU) and the combine), the candidate prefill path, which ``fused_moe`` adopts
-  where this peer wins.
+  where this peer wins; and ``flashinfer`` (its CUTLASS fused MoE, BF16) where it imports.
 * ``fused_moe +shared``: the shared expert fused as always-selected expert E (top-(k+1), weight 1)
   at TP8, against the peer "separate shared" (routed fused_moe, then the dense SwiGLU): which one
   ``MoE(fuse_shared=...)`` should default to is this case's GPU result.
@@ -30,8 +30,9 @@
   prefill ``T`` and the largest decode ``T``. These are the building blocks of the large-``T``
   ``fused_moe`` path (permute, grouped GEMM, SwiGLU/quant, grouped GEMM, combine): ``fused_moe``
   switches its ``cuda`` path to them only once this case shows the CUTLASS kernels faster than the
-  Triton ones. Peer: ``torch._grouped_mm`` in BF16 on the same groups (the FP8 case's operands
-  dequantized first, so it times a BF16 GEMM of the same shape).
+  Triton ones. Peers: ``torch._grouped_mm`` in BF16 on the same groups (the FP8 case's operands
+  dequantized first, so it times a BF16 GEMM of the same shape), and ``deep_gemm``'s contiguous
+  grouped GEMM where it imports and N and K are multiples of 128.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@
 # torch backends). Every step has a timeout and a status line in OUTDIR/summary.txt; a failing
 # step never stops the next. The whole run keeps inside GPU_CHECK_BUDGET_S (default 420 s): a
 # session's device time is 15 minutes including the machine's start, and must leave room for
-# one rerun. `-m "gpu and not slow"` by default; GPU_CHECK_PYTEST_MARK="gpu" adds the slow ones.
+# one rerun. `-m "gpu and not slow"` by default; GPU_CHECK_PYTEST_MARK="gpu" adds the slow ones;
+# the tests run on 8 pytest-xdist workers where it imports (GPU_CHECK_PYTEST_WORKERS=1: serially).
 # GPU_CHECK_SKIP_BUILD=1 reuses what an earlier run on the same (warm) machine installed;
 # GPU_CHECK_SKIP_TESTS=1 and GPU_CHECK_BENCH="fam ..." make a rerun that only benchmarks what the
 # first run's budget did not reach.
@@ -83,8 +84,18 @@ step info 60 $BENCH --info
 if [[ "${GPU_CHECK_SKIP_TESTS:-0}" == 1 ]]; then
   echo "pytest_gpu: SKIPPED (GPU_CHECK_SKIP_TESTS=1)" | tee -a "$OUT/summary.txt"
 else
-  step pytest_gpu 150 "$PY" -P -m pytest -q --maxfail=25 -m "($MARK) or installed" -k "${GPU_CHECK_PYTEST_K:-not compile and not opcheck}" \
-    tests --junitxml="$OUT/pytest_gpu.xml"
+  # The image has pytest-xdist and pytest-timeout: the tests' first calls compile hundreds of
+  # Triton kernels, serially more than the step's share, so 8 workers (16 cores) share the GPU;
+  # PYTHONSAFEPATH (-P for the workers too) keeps the checkout from shadowing the installed copy.
+  # A test hung on the GPU is ended after 120 s and its worker replaced.
+  PAR=()
+  WORKERS=${GPU_CHECK_PYTEST_WORKERS:-8}
+  (( WORKERS > 1 )) && "$PY" -c "import xdist" 2> /dev/null && PAR+=(-n "$WORKERS")
+  "$PY" -c "import pytest_timeout" 2> /dev/null && PAR+=(--timeout 120)
+  echo "pytest_gpu options: ${PAR[*]:-none (serial, no per-test timeout)}" | tee -a "$OUT/summary.txt"
+  step pytest_gpu 150 env PYTHONSAFEPATH=1 "$PY" -P -m pytest -q ${PAR[@]+"${PAR[@]}"} --maxfail=25 \
+    -m "($MARK) or installed" -k "${GPU_CHECK_PYTEST_K:-not compile and not opcheck}" tests \
+    --junitxml="$OUT/pytest_gpu.xml"
 fi
 step ceilings 30 $BENCH ceilings --json "$OUT/ceilings.json"
 CEIL=()

@@ -51,8 +51,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from glm45_ops.moe.fused import _fused_op, check_fused_args, check_topk_ids, fused_moe
-from glm45_ops.moe.permute import NOT_HERE
+from glm45_ops.moe.fused import _fused_op, check_fused_args, fused_moe
+from glm45_ops.moe.permute import NOT_HERE, check_expert_ids
 from glm45_ops.reference import cdiv
 
 _ROW_ALIGN = 16  # bytes: x's part of a row is whole 16-byte chunks (H % 16 == 0), the metadata is padded to them
@@ -103,7 +103,7 @@ def ep_fused_moe(
     experts = local_experts(num_experts, group)
     args = _fused_op.bind((x, w13_local, w2_local, topk_weights, topk_ids, w13_scale, w2_scale), {})
     check_fused_args(*args)
-    check_topk_ids(topk_ids, num_experts, f"num_experts={num_experts}")
+    check_expert_ids(topk_ids, num_experts, f"num_experts={num_experts}")
     world = dist.get_world_size(group)
     if w13_local.shape[0] != len(experts):
         raise ValueError(f"w13_local must hold this rank's {len(experts)} experts (num_experts {num_experts} over "

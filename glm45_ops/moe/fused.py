@@ -32,17 +32,11 @@ SIMILARITY_LIMIT = {torch.float32: 1e-6, torch.float16: 2e-5, torch.bfloat16: 1e
 
 
 
-def check_topk_ids(topk_ids: torch.Tensor, num_experts: int, what: str) -> None:
-    """Each id in ``[0, num_experts)`` or -1 (values checked on CPU tensors only:
-    ``check_expert_ids``); ``what`` names E in the messages. k may exceed E: under expert
-    parallelism a rank holding fewer experts than k gets -1 for the other slots (``k > E`` is a
-    routing error, refused by ``moe_route``)."""
-    check_expert_ids(topk_ids, num_experts, what)
-
-
 def check_fused_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offset):
-    """Everything ``fused_moe`` checks but how ``topk_ids`` relates to E (:func:`check_topk_ids`):
-    expert parallelism checks the ids against the global expert count instead."""
+    """Everything ``fused_moe`` checks but the ids' values against E (``check_expert_ids``):
+    expert parallelism checks them against the global expert count instead. k may exceed E: an
+    expert-parallel rank holding fewer experts than k gets -1 for the other slots (``k > E`` is a
+    routing error, refused by ``moe_route``)."""
     if x.dtype not in _ACT_DTYPES:
         raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
     if x.dim() != 2:
@@ -96,7 +90,7 @@ def check_fused_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_
 
 def _check_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offset):
     check_fused_args(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offset)
-    check_topk_ids(topk_ids, w13.shape[0], f"E={w13.shape[0]}")
+    check_expert_ids(topk_ids, w13.shape[0], f"E={w13.shape[0]}")
 
 
 def _alloc_fused(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, i_offset):
